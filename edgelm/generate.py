@@ -1,0 +1,115 @@
+"""The decode loop: prompt in, text out, streamed without ever splitting a UTF-8 character."""
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0          # tokens in the prompt
+    prompt_evaluated: int = 0       # of those, evaluated now (the rest came from the cache)
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    generate_s: float = 0.0
+    stop_reason: str = ""           # "eos" | "stop" | "length" | "context"
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_evaluated / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        return self.generated_tokens / self.generate_s if self.generate_s > 0 else 0.0
+
+
+class StreamDecoder:
+    """Token bytes in, complete UTF-8 text out: an incomplete character waits for its next bytes."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self.token_bytes = token_bytes
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._dec.decode(self.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Holds back the tail of the text that could still become a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_tokens(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+                  stop: list[str] | None, stats: GenerationStats) -> Iterator[str]:
+    """Evaluate the prompt (reusing the cached prefix), then sample up to max_tokens, yielding text pieces."""
+    sampler = Sampler(params)
+    end_ids = model.tokenizer.end_of_generation_ids
+    t0 = time.perf_counter()
+    logits = model.prefill(prompt_ids, stats)
+    stats.prompt_s = time.perf_counter() - t0
+    stats.prompt_tokens = len(prompt_ids)
+    history = list(prompt_ids)
+    text = StreamDecoder(model.tokenizer.token_bytes)
+    stopper = StopMatcher(stop or [])
+    t1 = time.perf_counter()
+    stats.stop_reason = "length"
+    try:
+        for i in range(max_tokens):
+            tok = sampler(logits, history)
+            if tok in end_ids:
+                stats.stop_reason = "eos"
+                break
+            history.append(tok)
+            stats.generated_tokens += 1
+            piece, stopped = stopper.push(text.push(tok))
+            if piece:
+                yield piece
+            if stopped:
+                stats.stop_reason = "stop"
+                return
+            if i + 1 == max_tokens:
+                break
+            if model.cache.n_tokens >= model.n_ctx:
+                stats.stop_reason = "context"
+                break
+            logits = model.decode_one(tok)
+        tail, _ = stopper.push(text.flush())
+        tail += stopper.flush()
+        if tail:
+            yield tail
+    finally:
+        stats.generate_s = time.perf_counter() - t1

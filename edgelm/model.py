@@ -1,0 +1,130 @@
+"""Model: a loaded GGUF with its tokenizer, decoder and KV cache — the object behind the public API."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+
+from .arch.decoder import Decoder
+from .config import ModelConfig
+from .errors import ContextError, EdgeLMError
+from .generate import GenerationStats, stream_tokens
+from .gguf_file import GGUFFile
+from .kv_cache import KVCache
+from .sampling import SamplingParams
+from .tokenizer import tokenizer_from_metadata
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_CTX = 4096   # like llama.cpp's CLI default; capped by the model's training context
+N_BATCH = 512          # prompt tokens evaluated per forward pass (llama.cpp's default n_batch)
+
+
+class Model:
+    def __init__(self, path: str, n_ctx: int | None = None, threads: int | None = None):
+        if threads is not None:
+            set_threads(threads)
+        self.path = path
+        self.gguf = GGUFFile(path)
+        self.config = ModelConfig.from_gguf(self.gguf)
+        self.tokenizer = tokenizer_from_metadata(self.gguf.metadata)
+        self.decoder = Decoder(self.config, self.gguf)
+        if n_ctx is not None and n_ctx <= 0:
+            raise EdgeLMError(f"context size must be positive, got {n_ctx}")
+        self.n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train))
+        self.cache = KVCache(self.config, self.n_ctx)
+        self.last_stats: GenerationStats | None = None
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim != 1 or len(arr) == 0:
+            raise EdgeLMError("expected a non-empty list of token ids")
+        bad = arr[(arr < 0) | (arr >= self.config.n_vocab)]
+        if len(bad):
+            raise EdgeLMError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        return arr
+
+    def _fits(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ContextError(f"{n} tokens do not fit in the context of {self.n_ctx} tokens "
+                               f"(raise it with n_ctx / -c, up to the model's {self.config.n_ctx_train})")
+
+    def eval_logits(self, ids) -> np.ndarray:
+        """Next-token logits at every position of `ids`, evaluated from an empty context: (len, n_vocab) f32."""
+        arr = self._check_ids(ids)
+        self._fits(len(arr))
+        self.cache.clear()
+        out = np.empty((len(arr), self.config.n_vocab), np.float32)
+        for s in range(0, len(arr), N_BATCH):
+            chunk = arr[s:s + N_BATCH]
+            out[s:s + len(chunk)] = self.decoder.forward(chunk, s, self.cache, all_logits=True)
+            self.cache.tokens.extend(int(t) for t in chunk)
+        return out
+
+    def prefill(self, ids: list[int], stats: GenerationStats | None = None) -> np.ndarray:
+        """Make the cache hold `ids`, evaluating only what is not already cached; returns the last logits."""
+        arr = self._check_ids(ids)
+        self._fits(len(arr))
+        cached = self.cache.tokens
+        keep = 0
+        while keep < min(len(cached), len(arr)) and cached[keep] == arr[keep]:
+            keep += 1
+        keep = min(keep, len(arr) - 1)     # the last token is always evaluated: we need its logits
+        self.cache.truncate(keep)
+        logits = None
+        for s in range(keep, len(arr), N_BATCH):
+            chunk = arr[s:s + N_BATCH]
+            logits = self.decoder.forward(chunk, s, self.cache)
+            self.cache.tokens.extend(int(t) for t in chunk)
+        if stats is not None:
+            stats.prompt_evaluated = len(arr) - keep
+        return logits
+
+    def decode_one(self, token: int) -> np.ndarray:
+        pos = self.cache.n_tokens
+        self._fits(pos + 1)
+        logits = self.decoder.forward(np.array([token], dtype=np.int64), pos, self.cache)
+        self.cache.tokens.append(int(token))
+        return logits
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                 seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
+                 add_special: bool = True, parse_special: bool = False) -> str | Iterator[str]:
+        """Continue `prompt` (text, or token ids). Returns the text, or with stream=True an iterator of pieces.
+        Statistics of the last call are in `model.last_stats`."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_special, parse_special)
+        if not ids:
+            raise EdgeLMError("the prompt is empty (and the model adds no BOS token)")
+        self._fits(len(ids))
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stats = self.last_stats = GenerationStats()
+        pieces = stream_tokens(self, ids, max_tokens, params, stops, stats)
+        return pieces if stream else "".join(pieces)
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.gguf.tensors.values())
+
+    def __repr__(self) -> str:
+        return f"<edgelm.Model {os.path.basename(self.path)} arch={self.config.arch} n_ctx={self.n_ctx}>"
+
+
+def set_threads(n: int) -> None:
+    import numba
+    if n <= 0:
+        raise EdgeLMError(f"threads must be positive, got {n}")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
