@@ -1,0 +1,8 @@
+"""Quantized weights: the format registry (formats.py) and the Numba kernels over it (kernels.py)."""
+
+from edgelm.quant.formats import FORMATS, QuantFormat, dequantize, format_for, row_bytes
+from edgelm.quant.kernels import get_rows, matmul, matvec
+
+__all__ = [
+    "FORMATS", "QuantFormat", "dequantize", "format_for", "row_bytes", "get_rows", "matmul", "matvec",
+]

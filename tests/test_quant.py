@@ -1,0 +1,236 @@
+"""Quant formats and kernels against the independent reference, gguf-py's `gguf.quants`."""
+
+import gguf
+import numpy as np
+import pytest
+
+from edgelm.errors import UnsupportedError
+from edgelm.quant import FORMATS, dequantize, format_for, get_rows, matmul, matvec, row_bytes
+
+T = gguf.GGMLQuantizationType
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
+
+
+def _weights(rng, n_rows, n_in):
+    """Float data with row scales over ~9 decades, an all-zero row, a tiny block and stray zeros."""
+    w = rng.standard_normal((n_rows, n_in)) * np.exp(rng.uniform(-12, 3, (n_rows, 1)))
+    w[rng.random(w.shape) < 0.05] = 0.0
+    w[0, : min(n_in, 32)] *= 1e-6
+    if n_rows > 2:
+        w[2] = 0.0
+    return w.astype(np.float32)
+
+
+def _random_blocks(rng, qtype, n_rows, n_in):
+    """Random raw blocks with valid, finite f16 scales (for types gguf-py cannot quantize)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    nb = n_rows * n_in // block
+    raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]  # f16 d (, dmin)
+    for off in scale_offsets:
+        d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
+        d[::7] = 0.0  # some all-zero blocks
+        raw[:, off: off + 2] = d.view(np.uint8).reshape(nb, 2)
+    return raw.reshape(n_rows, -1)
+
+
+def make_tensor(qtype, n_rows, n_in, seed=0):
+    """(raw uint8 (n_rows, row_bytes), reference float32 (n_rows, n_in) from gguf.quants.dequantize)."""
+    rng = np.random.default_rng([seed, int(qtype), n_rows, n_in])
+    if qtype in FLOAT_TYPES:
+        typed = gguf.quants.quantize(_weights(rng, n_rows, n_in), qtype)
+        raw = np.ascontiguousarray(typed).view(np.uint8)
+        ref = gguf.quants.dequantize(raw.view(FLOAT_TYPES[qtype]), qtype)
+        return raw, np.asarray(ref, dtype=np.float32).reshape(n_rows, n_in)
+    try:
+        raw = gguf.quants.quantize(_weights(rng, n_rows, n_in), qtype)
+    except NotImplementedError:  # gguf-py has no K-quant quantizer: random valid blocks instead
+        raw = _random_blocks(rng, qtype, n_rows, n_in)
+    raw = np.ascontiguousarray(raw).reshape(n_rows, -1)
+    return raw, gguf.quants.dequantize(raw, qtype).reshape(n_rows, n_in)
+
+
+def shapes_for(qtype):
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    shapes = [(3, 256), (7, 512), (1, 768)]
+    if block == 1:
+        shapes.append((5, 37))  # float rows need not be a multiple of 32
+    return [s for s in shapes if s[1] % block == 0]
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _assert_close(got, ref_f64, bound):
+    """|got - ref| <= 1e-5 * (|W| |x|): float32 accumulation error, far below any real mismatch."""
+    err = np.abs(got.astype(np.float64) - ref_f64)
+    assert np.all(err <= 1e-5 * bound + 1e-30), f"max rel err {np.max(err / (bound + 1e-30)):.3g}"
+
+
+# --- the table -------------------------------------------------------------------------------
+
+def test_table_matches_gguf_sizes():
+    assert set(FORMATS) == {int(t) for t in TYPES}
+    for t, fmt in FORMATS.items():
+        assert fmt.ggml_type == t and fmt.name == T(t).name
+        assert (fmt.block_size, fmt.type_size) == gguf.GGML_QUANT_SIZES[T(t)]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_row_bytes(qtype):
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    n_in = 4 * max(block, 32)
+    assert row_bytes(qtype, n_in) == gguf.quants.quant_shape_to_byte_shape((n_in,), qtype)[0]
+    if block > 1:
+        with pytest.raises(ValueError):
+            row_bytes(qtype, n_in + 1)
+
+
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.Q8_1, 999], ids=str)
+def test_unsupported_type_is_named(qtype):
+    name = qtype.name if isinstance(qtype, T) else "999"
+    with pytest.raises(UnsupportedError, match=name):
+        format_for(qtype)
+    raw = np.zeros((2, 256), np.uint8)
+    with pytest.raises(UnsupportedError, match=name):
+        matvec(raw, qtype, 2, 256, np.zeros(256, np.float32))
+    with pytest.raises(UnsupportedError, match=name):
+        dequantize(raw, qtype, 256)
+
+
+# --- bit-exact decode --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_bit_exact(qtype):
+    for n_rows, n_in in shapes_for(qtype):
+        raw, ref = make_tensor(qtype, n_rows, n_in)
+        got = dequantize(raw, qtype, n_in)
+        assert got.dtype == np.float32 and got.shape == (n_rows, n_in)
+        assert np.array_equal(_bits(got), _bits(ref)), (n_rows, n_in)
+
+
+def test_f16_every_bit_pattern():
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = dequantize(h.view(np.uint8).reshape(1, -1), T.F16, 1 << 16)[0]
+    ref = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(_bits(got)[~nan], _bits(ref)[~nan])
+    assert np.all(np.isnan(got[nan]))  # signalling-NaN payloads may be quieted by hardware
+
+
+def test_f16_portable_integer_path():
+    """The no-F16C fallback (old x86, NUMBA_CPU_NAME=generic) is exact too, NaN payloads included."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from edgelm.quant.formats import half_to_f32
+
+    @intrinsic
+    def convert8(typingctx, src, dst, i):
+        def codegen(context, builder, sig, args):
+            s = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+            d = context.make_array(sig.args[1])(context, builder, value=args[1]).data
+            v8 = lambda t: ir.VectorType(t, 8)  # noqa: E731
+            hp = builder.bitcast(builder.gep(s, [args[2]]), v8(ir.IntType(16)).as_pointer())
+            f = half_to_f32(builder, builder.load(hp, align=2), native=False)
+            fp = builder.bitcast(builder.gep(d, [args[2]]), v8(ir.FloatType()).as_pointer())
+            builder.store(f, fp, align=4)
+            return context.get_dummy_value()
+        return types.void(src, dst, types.int64), codegen
+
+    @njit
+    def convert(src, dst):
+        for i in range(0, src.size, 8):
+            convert8(src, dst, i)
+
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(h.size, np.float32)
+    convert(h, got)
+    assert np.array_equal(_bits(got), _bits(h.view(np.float16).astype(np.float32)))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_get_rows(qtype):
+    n_rows, n_in = 9, 256 if gguf.GGML_QUANT_SIZES[qtype][0] > 1 else 100
+    raw, ref = make_tensor(qtype, n_rows, n_in, seed=1)
+    ids = np.array([4, 0, 8, 4, 2])
+    assert np.array_equal(_bits(get_rows(raw, qtype, n_in, ids)), _bits(ref[ids]))
+    assert np.array_equal(_bits(get_rows(raw, qtype, n_in, [7])), _bits(ref[[7]]))
+    assert get_rows(raw, qtype, n_in, []).shape == (0, n_in)
+    out = np.empty((2, n_in), np.float32)
+    assert get_rows(raw, qtype, n_in, [1, 3], out=out) is out
+    assert np.array_equal(_bits(out), _bits(ref[[1, 3]]))
+    with pytest.raises(IndexError):
+        get_rows(raw, qtype, n_in, [n_rows])
+    with pytest.raises(IndexError):
+        get_rows(raw, qtype, n_in, [-1])
+
+
+# --- products ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec(qtype):
+    rng = np.random.default_rng(int(qtype))
+    for n_out, n_in in shapes_for(qtype):
+        raw, ref = make_tensor(qtype, n_out, n_in)
+        x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
+        y = matvec(raw, qtype, n_out, n_in, x)
+        assert y.dtype == np.float32 and y.shape == (n_out,)
+        _assert_close(y, ref.astype(np.float64) @ x, np.abs(ref).astype(np.float64) @ np.abs(x))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul(qtype):
+    rng = np.random.default_rng(int(qtype) + 100)
+    for n_out, n_in in shapes_for(qtype):
+        raw, ref = make_tensor(qtype, n_out, n_in)
+        for m in (1, 2, 5):
+            X = rng.standard_normal((m, n_in)).astype(np.float32)
+            Y = matmul(raw, qtype, n_out, n_in, X)
+            assert Y.dtype == np.float32 and Y.shape == (m, n_out)
+            ref64 = ref.astype(np.float64)
+            _assert_close(Y, X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.F16], ids=lambda t: t.name)
+def test_large_parallel_paths(qtype):
+    """Big enough for the threaded paths, with ragged tiles (rows % 4 != 0, M spanning tiles)."""
+    n_out, n_in = 1030, 512
+    raw, ref = make_tensor(qtype, n_out, n_in, seed=2)
+    rng = np.random.default_rng(3)
+    ref64 = ref.astype(np.float64)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    out = np.empty(n_out, np.float32)
+    assert matvec(raw, qtype, n_out, n_in, x, out=out) is out
+    _assert_close(out, ref64 @ x, np.abs(ref64) @ np.abs(x))
+    X = rng.standard_normal((131, n_in)).astype(np.float32)
+    Y = np.empty((131, n_out), np.float32)
+    assert matmul(raw, qtype, n_out, n_in, X, out=Y) is Y
+    _assert_close(Y, X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
+    assert np.array_equal(_bits(dequantize(raw, qtype, n_in)), _bits(ref))
+
+
+def test_readonly_memmap_input(tmp_path):
+    """Weights arrive as a read-only view of an mmapped file; results must not depend on that."""
+    raw, ref = make_tensor(T.Q4_K, 6, 512)
+    path = tmp_path / "w.bin"
+    raw.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=raw.shape)
+    x = np.linspace(-1, 1, 512, dtype=np.float32)
+    assert np.array_equal(matvec(mm, T.Q4_K, 6, 512, x), matvec(raw, T.Q4_K, 6, 512, x))
+    assert np.array_equal(_bits(dequantize(mm, T.Q4_K, 512)), _bits(ref))
+
+
+def test_shape_errors():
+    raw, _ = make_tensor(T.Q8_0, 4, 64)
+    with pytest.raises(ValueError):
+        matvec(raw, T.Q8_0, 5, 64, np.zeros(64, np.float32))  # wrong n_out
+    with pytest.raises(ValueError):
+        matvec(raw, T.Q8_0, 4, 64, np.zeros(32, np.float32))  # wrong x
+    with pytest.raises(ValueError):
+        matvec(raw, T.Q4_0, 4, 64, np.zeros(64, np.float32))  # row bytes of another type
+    with pytest.raises(ValueError):
+        matmul(raw, T.Q8_0, 4, 64, np.zeros((2, 64), np.float32), out=np.empty((2, 5), np.float32))
