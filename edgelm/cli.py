@@ -104,6 +104,37 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
 
 
 @cli.command()
+@model_option
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy.")
+@click.option("--top-k", default=_D.top_k, show_default=True)
+@click.option("--top-p", default=_D.top_p, show_default=True)
+@click.option("--min-p", default=_D.min_p, show_default=True)
+@click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True)
+@click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True)
+@click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random.")
+@click.option("-n", "--n-predict", "n_predict", default=-1, show_default=True,
+              help="Most tokens per reply; -1 = until the end of the turn.")
+@click.option("--stop", multiple=True, help="Also end a reply at this text (repeatable).")
+@click.option("-c", "--ctx", type=int, default=None, help="Context size in tokens.")
+@click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--chat-template", default=None,
+              help="Built-in template name (chatml, gemma, llama3, phi3) or a Jinja file; default: the model's own.")
+@click.option("--stats", is_flag=True, help="Prompt and generation speed after each reply.")
+def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, n_predict, stop, ctx,
+         threads, chat_template, stats):
+    """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
+    from .chat import Conversation
+    from .chat_template import template_for
+    from .repl import Repl
+    m = _load(model, ctx, threads)
+    template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
+    params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+    conv = Conversation(m, system=system, template=template, params=params, max_tokens=n_predict, stop=list(stop))
+    sys.exit(Repl(conv, os.path.basename(m.path), stats=stats).run())
+
+
+@cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--tensors/--no-tensors", default=True, show_default=True, help="Include the tensor table.")

@@ -114,6 +114,16 @@ class Model:
         pieces = stream_tokens(self, ids, max_tokens, params, stops, stats)
         return pieces if stream else "".join(pieces)
 
+    def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = None,
+             stop: str | list[str] | None = None, chat_template: str | None = None, **sampling):
+        """OpenAI-style chat completion: `r.choices[0].message.content`, `r.usage`; with stream=True an iterator
+        of chunks whose `choices[0].delta` carries the text. Sampling keywords as in generate()."""
+        from .chat import chat_completion
+        return chat_completion(self, messages, stream=stream, max_tokens=max_tokens, stop=stop,
+                               chat_template=chat_template, **sampling)
+
+    create_chat_completion = chat   # the name llama-cpp-python users know
+
     # -- description -----------------------------------------------------------------------------
     @property
     def n_params(self) -> int:

@@ -121,5 +121,5 @@ def test_sampler_rules():
     # min_p=0.2: keep p >= 0.1 -> {0,1,2}
     p = _probs_by_sampling(logits, SamplingParams(temperature=1, top_k=0, top_p=1, min_p=0.2, seed=3))
     assert p[3:].sum() == 0 and p[2] > 0
-    # repeat penalty 2 on token 0: logit log(.5) < 0 -> times 2 -> token 1 becomes greedy choice
-    assert Sampler(SamplingParams(temperature=0, repeat_penalty=2.0))(logits, [0]) == 1
+    # repeat penalty 3 on token 0: logit log(.5) < 0 -> times 3 = -2.08 < log(.25) -> token 1 becomes greedy
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=3.0))(logits, [0]) == 1
