@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 
+# Numba's OpenMP worker threads spin at each barrier by default. A decode step has ~200 parallel regions, so
+# when another process holds a core the spinning threads are descheduled at barriers: measured on a 2-core VM,
+# SmolLM2 decode fell from ~40 to 0.6 tokens/s with two edgelm processes running (26 tokens/s each with
+# passive waiting), and to 16 tokens/s next to one busy process (28 passive). Passive costs ~10-20% on an
+# idle machine. libgomp reads this when it loads (at the first parallel kernel call); a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 from .errors import ContextError, EdgeLMError, GGUFError, ModelNotFoundError, UnsupportedError
 
 __version__ = "0.1.0"
