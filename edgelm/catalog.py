@@ -122,6 +122,9 @@ def pull(name: str, progress: Callable[[str], None] | None = None) -> Path:
             if h.hexdigest() != entry.sha256:
                 raise ModelNotFoundError(f"{entry.name}: downloaded file has SHA-256 {h.hexdigest()}, "
                                          f"expected {entry.sha256}")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(part, 0o666 & ~umask)       # mkstemp makes 0600; a model file is as readable as any download
             os.replace(part, dest)
         except BaseException:
             Path(part).unlink(missing_ok=True)
