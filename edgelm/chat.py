@@ -62,31 +62,33 @@ class Conversation:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return render_ids(self.model, self.template, messages)
 
-    def _fit(self, user: dict) -> tuple[list[int], int]:
-        """Tokens of the prompt for the next turn, dropping the oldest turns (never the system prompt)
-        until it fits with room for a reply."""
+    def _fit(self, user: dict) -> tuple[list[int], list[dict]]:
+        """Tokens of the prompt for the next turn, and the earlier turns it keeps: the oldest turns are
+        dropped (never the system prompt) until it fits with room for a reply. Nothing is changed here, so a
+        message that cannot fit (ContextError) or an abandoned turn leaves the conversation as it was."""
         n_ctx = self.model.n_ctx
         reserve = min(self.max_tokens if self.max_tokens > 0 else 256, n_ctx // 4)
-        dropped = 0
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        kept = list(self.messages)
         while True:
-            ids = self.prompt_ids(self.all_messages([user]))
-            if len(ids) + reserve <= n_ctx or not self.messages:
+            ids = self.prompt_ids(sys_msg + kept + [user])
+            if len(ids) + reserve <= n_ctx or not kept:
                 break
             # drop the oldest user turn together with its reply
-            cut = 2 if len(self.messages) >= 2 and self.messages[1]["role"] == "assistant" else 1
-            del self.messages[:cut]
-            dropped += cut
+            cut = 2 if len(kept) >= 2 and kept[1]["role"] == "assistant" else 1
+            del kept[:cut]
         if len(ids) >= n_ctx:
             raise ContextError(f"the message needs {len(ids)} tokens with the system prompt, but the context holds "
                                f"{n_ctx}: shorten it or raise the context size (-c)")
-        return ids, dropped
+        return ids, kept
 
     # -- a turn ------------------------------------------------------------------------------------
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the reply. When the iterator is exhausted the reply is part of the
         conversation; if it is abandoned (e.g. Ctrl-C) the turn is discarded."""
         user = {"role": "user", "content": text}
-        ids, dropped = self._fit(user)
+        ids, kept = self._fit(user)
+        dropped = len(self.messages) - len(kept)
         stats = GenerationStats()
         budget = self.model.n_ctx - len(ids)
         n = budget if self.max_tokens < 0 else min(self.max_tokens, budget)
@@ -95,7 +97,7 @@ class Conversation:
             pieces.append(piece)
             yield piece
         reply = "".join(pieces)
-        self.messages += [user, {"role": "assistant", "content": reply}]
+        self.messages = kept + [user, {"role": "assistant", "content": reply}]
         self.last = TurnResult(reply, stats, dropped)
 
     def clear(self) -> None:

@@ -36,7 +36,9 @@ class Repl:
         self.verbose = stats
         self.out = out or sys.stdout
         self.inp = inp
-        self.tty = self.out.isatty()
+        # grey text only on a real terminal that can show it
+        self.tty = (self.out.isatty() and os.environ.get("TERM", "") != "dumb"
+                    and "NO_COLOR" not in os.environ)
         self._history_file = None
 
     # -- output helpers ----------------------------------------------------------------------------
@@ -253,11 +255,20 @@ class Repl:
             if not all(isinstance(x, dict) and x.get("role") in ("user", "assistant") and isinstance(x.get("content"), str)
                        for x in msgs):
                 raise ValueError("messages must be user/assistant objects with text content")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            # parameters are checked like `/set parameter` checks them: a string or float where the sampler
+            # wants a number or an integer would otherwise crash the next reply
+            raw = data.get("parameters") or {}
+            params = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ()) if k in PARAM_ALIASES}
+            params["num_predict"] = data.get("num_predict", self.conv.max_tokens)
+            for k, v in params.items():
+                ints = k in ("top_k", "repeat_last_n", "seed", "num_predict")
+                if not (v is None and k == "seed") and (isinstance(v, bool) or not isinstance(v, int if ints else (int, float))):
+                    raise ValueError(f"parameter {k} has an invalid value {v!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.write(f"Could not load {path}: {e}\n")
             return
         self.conv.messages = list(msgs)
         self.conv.system = data.get("system") or None
-        if isinstance(data.get("parameters"), dict):
-            self.conv.params = self.conv.params.with_(**data["parameters"])
+        self.conv.max_tokens = params.pop("num_predict")
+        self.conv.params = self.conv.params.with_(**params)
         self.write(f"Loaded {len(msgs)} messages from {path}\n")
