@@ -7,67 +7,87 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+from ..quant.formats import half_to_f32
 
 
-@nb.njit(inline="always")
-def _f16_to_f32(h):
-    # Bit conversion of IEEE half to single, incl. subnormals, inf, nan (F. Giesen's "half to float").
-    h32 = np.uint32(h)
-    o = (h32 & np.uint32(0x7FFF)) << np.uint32(13)
-    exp = o & np.uint32(0x0F800000)
-    o = o + np.uint32(112 << 23)
-    if exp == np.uint32(0x0F800000):
-        o = o + np.uint32(112 << 23)
-    elif exp == np.uint32(0):
-        o = o + np.uint32(1 << 23)
-        f = np.array([o], dtype=np.uint32).view(np.float32)[0] - np.float32(6.103515625e-05)
-        o = np.array([f], dtype=np.float32).view(np.uint32)[0]
-    o = o | ((h32 & np.uint32(0x8000)) << np.uint32(16))
-    return o
+@intrinsic
+def _f16(typingctx, h):
+    """uint16 bits of an IEEE half -> float32 (hardware conversion where the CPU has one; see quant/formats)."""
+    def codegen(context, builder, signature, args):
+        return half_to_f32(builder, args[0])
+    return types.float32(types.uint16), codegen
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def _decode_attention(q, kc, vc, n_keys, lo, scale, out):
-    # q (n_head, hd) f32; kc/vc (n_kv, n_ctx, hd) uint16; keys lo..n_keys-1 are visible; out (n_head, hdv)
+BLOCK = 64   # keys per parallel task in decode attention
+
+
+def _decode_attention_py(q, kc, vc, n_keys, lo, scale, out):
+    # q (n_head, hd) f32; kc/vc (n_kv, n_ctx, hd) uint16 (f16 bits); keys lo..n_keys-1 visible; out (n_head, hdv).
+    # Tasks are (kv head, block of keys): each K/V block is converted once and serves all heads of its group
+    # (MQA/GQA), and short contexts still split across threads.
     n_head, hd = q.shape
     n_kv = kc.shape[0]
     hdv = vc.shape[2]
     group = n_head // n_kv
     n = n_keys - lo
-    for h in nb.prange(n_head):
-        kh = h // group
-        s = np.empty(n, np.float32)
-        kf = np.empty(hd, np.uint32)
-        m = np.float32(-np.inf)
-        for j in range(n):
-            krow = kc[kh, lo + j]
+    nblk = (n + BLOCK - 1) // BLOCK
+    s = np.empty((n_head, n), np.float32)
+    for t in nb.prange(n_kv * nblk):
+        kh = t // nblk
+        j0 = (t - kh * nblk) * BLOCK
+        j1 = min(j0 + BLOCK, n)
+        kf = np.empty(hd, np.float32)
+        for j in range(j0, j1):
             for d in range(hd):
-                kf[d] = _f16_to_f32(krow[d])
-            kv = kf.view(np.float32)
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[h, d] * kv[d]
-            acc *= scale
-            s[j] = acc
-            if acc > m:
-                m = acc
+                kf[d] = _f16(kc[kh, lo + j, d])
+            for g in range(group):
+                h = kh * group + g
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[h, d] * kf[d]
+                s[h, j] = acc * scale
+    for h in range(n_head):          # softmax per head (n values: cheap, serial)
+        m = s[h, 0]
+        for j in range(1, n):
+            m = max(m, s[h, j])
         tot = np.float32(0.0)
         for j in range(n):
-            e = np.exp(s[j] - m)
-            s[j] = e
+            e = np.exp(s[h, j] - m)
+            s[h, j] = e
             tot += e
         inv = np.float32(1.0) / tot
-        o = np.zeros(hdv, np.float32)
-        vf = np.empty(hdv, np.uint32)
         for j in range(n):
-            w = s[j] * inv
-            vrow = vc[kh, lo + j]
+            s[h, j] *= inv
+    part = np.zeros((nblk, n_head, hdv), np.float32)
+    for t in nb.prange(n_kv * nblk):
+        kh = t // nblk
+        b = t - kh * nblk
+        j0 = b * BLOCK
+        j1 = min(j0 + BLOCK, n)
+        vf = np.empty(hdv, np.float32)
+        for j in range(j0, j1):
             for d in range(hdv):
-                vf[d] = _f16_to_f32(vrow[d])
-            vv = vf.view(np.float32)
-            for d in range(hdv):
-                o[d] += w * vv[d]
-        out[h, :] = o
+                vf[d] = _f16(vc[kh, lo + j, d])
+            for g in range(group):
+                h = kh * group + g
+                w = s[h, j]
+                for d in range(hdv):
+                    part[b, h, d] += w * vf[d]
+    for h in range(n_head):
+        for d in range(hdv):
+            acc = np.float32(0.0)
+            for b in range(nblk):
+                acc += part[b, h, d]
+            out[h, d] = acc
+
+
+# Waking threads costs tens of µs per parallel region (passive OpenMP waits): short contexts run serially.
+_decode_parallel = nb.njit(parallel=True, fastmath=True, cache=True)(_decode_attention_py)
+_decode_serial = nb.njit(fastmath=True, cache=True)(_decode_attention_py)
+SERIAL_MAX_WORK = 1 << 17   # heads x keys x head_dim below which one thread is faster
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, window: int,
@@ -80,7 +100,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     if T == 1:
         lo = max(0, end - window) if window else 0
         out = np.empty((1, n_head, hdv), np.float32)
-        _decode_attention(q[0], k_cache, v_cache, end, lo, np.float32(scale), out[0])
+        kernel = _decode_serial if n_head * (end - lo) * hd <= SERIAL_MAX_WORK else _decode_parallel
+        kernel(q[0], k_cache, v_cache, end, lo, np.float32(scale), out[0])
         return out
     lo = max(0, pos0 - window + 1) if window else 0
     keys = k_cache[:, lo:end].view(np.float16).astype(np.float32)    # (n_kv, n, hd)

@@ -1,15 +1,32 @@
 """The numeric pieces of a transformer layer, in float32 like transformers' reference computation."""
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
 
+@nb.njit(fastmath=True, cache=True)
+def _rms_norm_rows(x, w, eps, out):
+    n = x.shape[1]
+    for i in range(x.shape[0]):
+        ss = np.float32(0.0)
+        for j in range(n):
+            ss += x[i, j] * x[i, j]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+        for j in range(n):
+            out[i, j] = x[i, j] * r * w[j]
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x * rsqrt(mean(x^2) + eps) * weight over the last axis (transformers LlamaRMSNorm)."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return (x * (1.0 / np.sqrt(var + np.float32(eps)))) * weight
+    """x * rsqrt(mean(x^2) + eps) * weight over the last axis (transformers LlamaRMSNorm), in one compiled
+    pass: a dozen NumPy calls per norm cost more than the arithmetic at decode sizes."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    _rms_norm_rows(rows, np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
+    return out.reshape(x.shape)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float) -> np.ndarray:
@@ -26,9 +43,11 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (transformers 'gelu_pytorch_tanh')."""
-    inner = _SQRT_2_OVER_PI * (x + np.float32(0.044715) * x * x * x)
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+    """GELU, tanh approximation (transformers 'gelu_pytorch_tanh'): 0.5·x·(1 + tanh(z)) written as
+    x / (1 + exp(-2z)), the same function, because NumPy's float32 exp is SIMD and tanh is not (~30% faster)."""
+    z = _SQRT_2_OVER_PI * (x + np.float32(0.044715) * x * x * x)
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(np.float32(-2.0) * z))
 
 
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
