@@ -23,6 +23,10 @@ def _fail(msg: str, code: int = 1):
 
 def main() -> None:
     """Entry point: any EdgeLMError (or OS error on a user's file) becomes one line and a non-zero exit."""
+    import logging
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edgelm: %(message)s"))
+    logging.getLogger("edgelm").addHandler(handler)
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

@@ -36,6 +36,8 @@ class Model:
         self.n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train))
         self.cache = KVCache(self.config, self.n_ctx)
         self.last_stats: GenerationStats | None = None
+        from .warmup import ensure_compiled
+        ensure_compiled(self)
 
     # -- tokens ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:

@@ -1,0 +1,64 @@
+"""First run on a machine: say once that the kernels are being compiled, and compile them right away.
+
+Numba caches compiled kernels on disk (`cache=True`), so only the first run pays ~10-30 s. A marker file
+keyed by the kernel sources, the Numba version and the CPU records that the cache is filled; without it,
+loading a model logs one line and runs a tiny forward pass (prefill and decode paths) to compile everything
+up front instead of stalling in the middle of the first reply.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("edgelm")
+
+_KERNEL_SOURCES = ("quant/formats.py", "quant/kernels.py", "arch/attention.py", "arch/blocks.py")
+
+
+def _marker() -> Path:
+    import numba
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for rel in _KERNEL_SOURCES:
+        h.update((here / rel).read_bytes())
+    h.update(f"{numba.__version__}|{platform.machine()}|{platform.processor()}|{_cpu_name()}".encode())
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgelm" / "compiled"
+    return base / h.hexdigest()[:20]
+
+
+def _cpu_name() -> str:
+    try:
+        import numba
+        from llvmlite import binding
+        return binding.get_host_cpu_name()
+    except Exception:
+        return ""
+
+
+def ensure_compiled(model) -> None:
+    """Compile (or load from Numba's cache) every kernel the model uses, announcing it the first time."""
+    marker = _marker()
+    if marker.exists():
+        return
+    log.warning("compiling edgelm's kernels for this machine (first run only, this takes a little while)...")
+    dec, cache = model.decoder, model.cache
+    cache.clear()
+    ids = np.array([1, 2], dtype=np.int64) % model.config.n_vocab
+    dec.forward(ids, 0, cache)                 # prefill path: matmul, BLAS attention
+    dec.forward(ids[:1], 2, cache)             # decode path: matvec, serial decode attention
+    from .arch import attention
+    q = np.zeros((1, model.config.n_head, model.config.head_dim), np.float32)
+    attention._decode_parallel(q[0], cache.k[0], cache.v[0], 3, 0, np.float32(1.0),
+                               np.empty((model.config.n_head, model.config.head_dim_v), np.float32))
+    cache.clear()
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
+    log.warning("compiled; later runs start fast")
