@@ -172,6 +172,99 @@ def pull(name, list_):
     click.echo(str(path))
 
 
+class _Checked(click.ParamType):
+    """An option value parsed by `parse(text, option)`; bad values raise EdgeLMError (one line, exit 1)
+    instead of Click's usage block."""
+
+    def __init__(self, parse, metavar: str):
+        self.parse, self.metavar, self.name = parse, metavar, metavar
+
+    def get_metavar(self, param, *args, **kwargs):
+        return self.metavar
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        return self.parse(value, "/".join(param.opts) if param else "value")
+
+
+def _int_list(minimum):
+    from .bench import parse_int_list
+    return _Checked(lambda v, opt: parse_int_list(v, opt, minimum), "N[,N...]")
+
+
+def _one_int(minimum):
+    from .bench import parse_int_list
+
+    def parse(v, opt):
+        vals = parse_int_list(v, opt, minimum)
+        if len(vals) != 1:
+            raise EdgeLMError(f"{opt}: expected one integer, got {v!r}")
+        return vals[0]
+    return _Checked(parse, "N")
+
+
+def _output_format(v, opt):
+    from .bench import OUTPUT_FORMATS
+    if v not in OUTPUT_FORMATS:
+        raise EdgeLMError(f"{opt}: unknown output format {v!r} (choose from {', '.join(OUTPUT_FORMATS)})")
+    return v
+
+
+@cli.command()
+@click.option("-m", "--model", "models", default=catalog.DEFAULT_MODEL, show_default=True, metavar="MODEL[,MODEL...]",
+              help="GGUF paths or catalog names, comma-separated.")
+@click.option("-p", "--n-prompt", "n_prompt", type=_int_list(0), default="512", show_default=True,
+              help="Prompt sizes to process (ppN tests); 0 = none.")
+@click.option("-n", "--n-gen", "n_gen", type=_int_list(0), default="128", show_default=True,
+              help="Generation lengths (tgN tests); 0 = none.")
+@click.option("-t", "--threads", type=_int_list(1), default=None,
+              help="Thread counts, comma-separated  [default: all cores]")
+@click.option("-r", "--repetitions", "reps", type=_one_int(1), default="5", show_default=True,
+              help="Timed runs per test (after one untimed warm-up run).")
+@click.option("-c", "--ctx", type=_one_int(1), default=None,
+              help="Context size  [default: max(-p) + max(-n) + 8]")
+@click.option("-o", "--output", "fmt", type=_Checked(_output_format, "md|json|jsonl|csv"), default="md",
+              show_default=True, help="md table, one JSON array, JSON lines, or CSV.")
+@click.option("--no-warmup", is_flag=True, help="Skip the untimed warm-up run of each test.")
+@click.option("--progress", is_flag=True, help="A line on stderr per run (by default only on a terminal).")
+def bench(models, n_prompt, n_gen, threads, reps, ctx, fmt, no_warmup, progress):
+    """Measure prompt processing (ppN) and generation (tgN) speed in tokens/s, like llama-bench.
+
+    ppN evaluates N random token ids from an empty cache; tgN runs N single-token decode steps after a
+    1-token prompt. Tokenization and sampling are not timed. Comma lists give every combination, e.g.
+    `edgelm bench -m smollm2-135m,gemma3-270m -p 128,512 -n 128 -t 1,2 -o json`.
+    """
+    from .bench import Printer, parse_models, run_bench
+    paths = [str(catalog.resolve(m, progress=_progress)) for m in parse_models(models)]
+    printer = Printer(fmt)
+    live = sys.stderr.isatty()
+    width = [0]
+
+    def say(msg):
+        if live:
+            pad = max(0, width[0] - len(msg))
+            width[0] = len(msg)
+            sys.stderr.write("\r" + msg + " " * pad)
+            sys.stderr.flush()
+        elif progress:
+            click.echo(msg, err=True)
+
+    try:
+        for rec in run_bench(paths, n_prompt, n_gen, threads, reps, ctx, warmup=not no_warmup,
+                             progress=say if (live or progress) else None):
+            if live and width[0]:   # clear the progress line before a table row lands on a shared terminal
+                sys.stderr.write("\r" + " " * width[0] + "\r")
+                sys.stderr.flush()
+                width[0] = 0
+            printer.add(rec)
+    finally:
+        if live and width[0]:
+            sys.stderr.write("\r" + " " * width[0] + "\r")
+            sys.stderr.flush()
+    printer.close()
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024   # bytes on macOS, KiB on Linux
