@@ -234,3 +234,110 @@ def test_shape_errors():
         matvec(raw, T.Q4_0, 4, 64, np.zeros(64, np.float32))  # row bytes of another type
     with pytest.raises(ValueError):
         matmul(raw, T.Q8_0, 4, 64, np.zeros((2, 64), np.float32), out=np.empty((2, 5), np.float32))
+
+
+# --- fused calls: several matrices sharing one input -------------------------------------------
+
+from collections import namedtuple  # noqa: E402
+
+from edgelm.quant import FusedLinear, matmul_multi, matvec_multi  # noqa: E402
+
+_Lin = namedtuple("_Lin", "raw ggml_type n_out")
+
+
+def _fused_case(specs, n_in, seed=0):
+    """specs: [(qtype, n_out)] -> (weights as (raw, type, n_out) tuples, float64 references)."""
+    weights, refs = [], []
+    for i, (qtype, n_out) in enumerate(specs):
+        raw, ref = make_tensor(qtype, n_out, n_in, seed=seed + i)
+        weights.append((raw, qtype, n_out))
+        refs.append(ref.astype(np.float64))
+    return weights, refs
+
+
+def _check_fused(outs, refs, X):
+    """outs[j] (M, n_out_j) against X @ ref_j.T, each a contiguous array."""
+    X64 = X.astype(np.float64)
+    assert len(outs) == len(refs)
+    for y, ref in zip(outs, refs):
+        assert y.dtype == np.float32 and y.shape == (X.shape[0], ref.shape[0])
+        assert y.flags.c_contiguous
+        _assert_close(y, X64 @ ref.T, np.abs(X64) @ np.abs(ref).T)
+
+
+MIXED = [(T.Q5_0, 7), (T.Q8_0, 5), (T.Q4_K, 3), (T.Q6_K, 9), (T.F16, 2), (T.Q4_1, 1), (T.Q5_K, 4),
+         (T.Q4_0, 6), (T.Q5_1, 3), (T.BF16, 2), (T.F32, 1)]
+
+
+@pytest.mark.parametrize("n_in", [256, 768])
+def test_fused_mixed_types(n_in):
+    """Every type in one call, odd row counts; matvec (1 row) and matmul (several) paths."""
+    weights, refs = _fused_case(MIXED, n_in)
+    rng = np.random.default_rng(n_in)
+    f = FusedLinear(weights, n_in)
+    assert f.n_outs == tuple(n for _, n in MIXED) and f.n_total == sum(f.n_outs)
+    x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
+    ys = f.matvec(x)
+    _check_fused([y[None, :] for y in ys], refs, x[None, :])
+    _check_fused([y[None, :] for y in matvec_multi(weights, n_in, x)], refs, x[None, :])
+    for m in (1, 2, 5, 17, 33):
+        X = rng.standard_normal((m, n_in)).astype(np.float32)
+        _check_fused(f(X), refs, X)
+    _check_fused(matmul_multi(weights, n_in, X), refs, X)
+
+
+def test_fused_float_rows_with_tail():
+    """Float types need no block multiple: n_in = 37 leaves a scalar tail in every row."""
+    weights, refs = _fused_case([(T.F32, 3), (T.F16, 5), (T.BF16, 4)], 37)
+    rng = np.random.default_rng(5)
+    for m in (1, 3, 20):
+        X = rng.standard_normal((m, 37)).astype(np.float32)
+        _check_fused(FusedLinear(weights, 37)(X), refs, X)
+
+
+@pytest.mark.parametrize("specs", [
+    [(T.Q5_0, 1024), (T.Q5_0, 256), (T.Q8_0, 256)],      # gemma's q, k, v
+    [(T.Q4_1, 1539), (T.Q4_1, 1537)],                   # gate, up (ragged)
+    [(T.Q6_K, 3), (T.Q4_K, 1201), (T.Q8_0, 2)],         # tiny matrices beside a big one
+], ids=["qkv", "gate_up", "ragged"])
+def test_fused_parallel_paths(specs):
+    """Big enough for the threaded paths: the split across threads crosses matrix boundaries."""
+    n_in = 512
+    weights, refs = _fused_case(specs, n_in, seed=7)
+    lins = [_Lin(*w) for w in weights]          # Linear-like objects work as well as tuples
+    f = FusedLinear(lins, n_in)
+    assert f._parallel
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    out = np.empty(f.n_total, np.float32)
+    ys = f.matvec(x, out=out)
+    assert all(np.shares_memory(y, out) for y in ys)
+    _check_fused([y[None, :] for y in ys], refs, x[None, :])
+    X = rng.standard_normal((131, n_in)).astype(np.float32)
+    _check_fused(f(X), refs, X)
+    # results do not depend on how rows are grouped or split: single-matrix calls, serial and
+    # parallel runs all agree with the fused call bit for bit
+    for (raw, qtype, n_out), y, Y in zip(weights, f(X[:1]), f(X)):
+        assert np.array_equal(matvec(raw, qtype, n_out, n_in, X[0]), y[0])
+        assert np.array_equal(matmul(raw, qtype, n_out, n_in, X), Y)
+    f._parallel = False
+    assert all(np.array_equal(a, b) for a, b in zip(f.matvec(x), ys))
+
+
+def test_fused_errors():
+    raw, _ = make_tensor(T.Q8_0, 4, 64)
+    raw2, _ = make_tensor(T.Q4_0, 4, 128)
+    with pytest.raises(ValueError):
+        FusedLinear([], 64)
+    with pytest.raises(ValueError):
+        FusedLinear([(raw, T.Q8_0, 4), (raw2, T.Q4_0, 4)], 64)   # n_in differs
+    with pytest.raises(ValueError):
+        FusedLinear([(raw, T.Q8_0, 5)], 64)                      # wrong n_out
+    with pytest.raises(UnsupportedError):
+        FusedLinear([(raw, T.Q2_K, 4)], 64)
+    f = FusedLinear([(raw, T.Q8_0, 4)], 64)
+    with pytest.raises(ValueError):
+        f(np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError):
+        f.matvec(np.zeros(64, np.float32), out=np.empty(5, np.float32))
+    assert f(np.zeros((0, 64), np.float32))[0].shape == (0, 4)

@@ -16,6 +16,7 @@ from ..errors import GGUFError
 from ..gguf_file import GGUFFile
 from ..kv_cache import KVCache
 from ..quant import kernels
+from ..quant.kernels import FusedLinear
 from ..quant.formats import dequantize
 from .attention import attention
 from .blocks import ACTIVATIONS, NORMS, Rope
@@ -56,6 +57,12 @@ class Layer:
     post_ffn_norm: np.ndarray | None
     rope: Rope
     window: int
+    qkv: FusedLinear | None = None      # wq, wk, wv in one parallel region (they share their input)
+    gate_up: FusedLinear | None = None  # w_gate, w_up likewise
+
+    def __post_init__(self):
+        self.qkv = FusedLinear([self.wq, self.wk, self.wv], self.wq.n_in)
+        self.gate_up = FusedLinear([self.w_gate, self.w_up], self.w_gate.n_in)
 
 
 class Weights:
@@ -144,9 +151,10 @@ class Decoder:
                 cos_sin[L.rope] = L.rope.cos_sin(positions)
             cos, sin = cos_sin[L.rope]
             h = self.norm(x, L.attn_norm, None, eps)
-            q = L.wq(h).reshape(T, cfg.n_head, cfg.head_dim)
-            k = L.wk(h).reshape(T, cfg.n_head_kv, cfg.head_dim)
-            v = L.wv(h).reshape(T, cfg.n_head_kv, cfg.head_dim_v)
+            q, k, v = L.qkv(h)
+            q = q.reshape(T, cfg.n_head, cfg.head_dim)
+            k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
+            v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
             if L.q_norm is not None:
                 q = self.norm(q, L.q_norm, None, eps)
                 k = self.norm(k, L.k_norm, None, eps)
@@ -159,7 +167,8 @@ class Decoder:
                 o = self.norm(o, L.post_attn_norm, None, eps)
             x += o
             h = self.norm(x, L.ffn_norm, None, eps)
-            f = self.act(L.w_gate(h)) * L.w_up(h)
+            g, u = L.gate_up(h)
+            f = self.act(g) * u
             f = L.w_down(f)
             if L.post_ffn_norm is not None:
                 f = self.norm(f, L.post_ffn_norm, None, eps)

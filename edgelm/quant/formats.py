@@ -2,13 +2,14 @@
 
 Each row carries the layout facts (block size, bytes per block) and an IR *emitter*: a small
 Python function that, given an llvmlite builder and a pointer to one block, emits the LLVM vector
-code that turns that block into float32 values.  `kernels.py` builds every kernel (row dot for
-matvec, row decode for matmul / get_rows / dequantize) from these emitters, so adding a type is
-adding one emitter and one table row here; nothing else in the code branches on the type.
+code that unpacks that block into `Piece`s: 32 integer codes as float32 lanes plus the scale,
+offset and bias that turn them into weights.  `kernels.py` builds every kernel from these
+emitters (the matvec row dot works on the factored form; row decode for matmul / get_rows /
+dequantize evaluates it), so adding a type is adding one emitter and one table row here; nothing
+else in the code branches on the type.
 
-Emitted arithmetic follows gguf-py `quants.py` operation by operation; decoding emits it without
-fast-math flags, so a decoded block equals `gguf.quants.dequantize` bit for bit (inside a dot
-product the kernels allow contraction, e.g. d*q + m as one FMA).
+Decoding a piece follows gguf-py `quants.py` operation by operation, without fast-math flags, so a
+decoded block equals `gguf.quants.dequantize` bit for bit.
 
 Block layouts: ggml/src/ggml-common.h (block_q4_0 ... block_q6_K); the dequantize formulas
 (and the exact float32 operation order) mirror gguf-py/gguf/quants.py.
@@ -17,14 +18,14 @@ Block layouts: ggml/src/ggml-common.h (block_q4_0 ... block_q6_K); the dequantiz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from llvmlite import ir
 
 from edgelm.errors import UnsupportedError
 
-__all__ = ["QuantFormat", "FORMATS", "format_for", "row_bytes", "dequantize", "LANES"]
+__all__ = ["QuantFormat", "FORMATS", "format_for", "row_bytes", "dequantize", "LANES", "Piece"]
 
 # Every emitter hands back <LANES x float> vectors (LLVM splits them into the target's registers:
 # 4 x ymm on AVX2, 8 x q-registers on NEON).
@@ -75,24 +76,31 @@ def _i32_of(ty: ir.Type) -> ir.Type:
     return _vec(_I32, ty.count) if isinstance(ty, ir.VectorType) else _I32
 
 
+def _target_has(feature: str) -> bool:
+    """Does numba's compilation target have this x86 feature ("+f16c", "+avx2")?  Honours
+    NUMBA_CPU_FEATURES / NUMBA_CPU_NAME (e.g. "generic" for portable caches: assume nothing)."""
+    import numba
+    from llvmlite import binding
+
+    if numba.config.CPU_FEATURES:
+        return feature in numba.config.CPU_FEATURES
+    if numba.config.CPU_NAME:
+        return False
+    return feature in binding.get_host_cpu_features().flatten()
+
+
 def _target_has_f16_convert() -> bool:
     """Can LLVM convert half -> float in hardware here (x86 F16C, any arm64)?  Else it would emit
     a libcall the JIT may not resolve, so we use the integer formula below."""
     import platform
 
-    import numba
-    from llvmlite import binding
-
     if platform.machine().lower() in ("arm64", "aarch64"):
         return True
-    if numba.config.CPU_FEATURES:
-        return "+f16c" in numba.config.CPU_FEATURES
-    if numba.config.CPU_NAME:  # e.g. "generic" for portable caches: assume nothing
-        return False
-    return "+f16c" in binding.get_host_cpu_features().flatten()
+    return _target_has("+f16c")
 
 
 _NATIVE_F16 = _target_has_f16_convert()
+_AVX2 = _target_has("+avx2")
 
 
 def half_to_f32(b: ir.IRBuilder, h, native: bool | None = None):
@@ -119,25 +127,19 @@ def _f16_at(b: ir.IRBuilder, p, off: int):
     return half_to_f32(b, _load(b, p, off, _I16))
 
 
-def _to_f32(b: ir.IRBuilder, v, signed: bool):
-    """Small integer vector -> float vector (exact)."""
-    return (b.sitofp if signed else b.uitofp)(v, _f32_of(v.type))
+def _f16_splat(b: ir.IRBuilder, p, off: int, n: int = 8):
+    """The f16 at `off` as <n x float>, every lane equal (x86: vpbroadcastw + vcvtph2ps, two
+    instructions, instead of a scalar convert and a broadcast on the busy shuffle ports)."""
+    return half_to_f32(b, splat(b, _load(b, p, off, _I16), n))
 
 
-def _nibbles32(b: ir.IRBuilder, p, off: int):
-    """16 bytes at `off` -> <32 x i8>: low nibbles (elements 0..15) then high nibbles (16..31)."""
-    qs = _load(b, p, off, _vec(_I8, 16))
-    t = qs.type
-    return _concat(b, b.and_(qs, _c(t, 0x0F)), b.lshr(qs, _c(t, 4)))
-
-
-def _bits_to_lanes(b: ir.IRBuilder, p, off: int, value: int):
-    """u32 at `off` -> <32 x i8>, lane j = `value` if bit j is set else 0 (qh of Q5_0 / Q5_1)."""
-    vt = _vec(_I8, 32)
-    qh = _load(b, p, off, _vec(_I8, 4))
-    spread = b.shuffle_vector(qh, qh, ir.Constant(_vec(_I32, 32), [j // 8 for j in range(32)]))
-    hit = b.and_(spread, ir.Constant(vt, [1 << (j % 8) for j in range(32)]))
-    return b.select(b.icmp_unsigned("!=", hit, _c(vt, 0)), _c(vt, value), _c(vt, 0))
+def _opaque(b: ir.IRBuilder, v):
+    """`v` unchanged, but hidden from LLVM's peephole rewrites (AVX2 targets; elsewhere `v`).
+    Used for bit masks: `(x & (1 << j)) == (1 << j)` with visible constants becomes a variable
+    shift (vpsllvd, on one of the two shuffle/shift ports) instead of and + compare (any port)."""
+    if not _AVX2:
+        return v
+    return b.asm(ir.FunctionType(v.type, [v.type]), "", "=x,0", [v], side_effect=False)
 
 
 def _k_scales(b: ir.IRBuilder, p, off: int):
@@ -153,117 +155,173 @@ def _k_scales(b: ir.IRBuilder, p, off: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Emitters: emit(b, p, n, fm) yields float vectors, in element order, covering n elements.
-# (Generators, so the caller consumes each vector as soon as it exists: fewer live registers.)
-# Quant types always get n == block_size and yield block_size / 32 vectors of 32 lanes.
+# Emitters: emit(b, p, n) yields Pieces, in element order, covering n elements of a row.
+# (Generators, so the caller consumes each piece as soon as it exists: fewer live registers.)
+# Quant types always get n == block_size and yield block_size / 32 pieces of 32 lanes.
 # Float types get n == 32 (a run of elements) or n == 1 (the scalar tail of a row).
-# `fm` are fast-math flags for the dequant arithmetic: () when decoding (bit-exact with gguf-py),
-# ("contract",) inside a dot product, where d*q + m may become one FMA.
+#
+# A piece is the weights of 32 consecutive elements in factored form, w = scale * (q + bias) + offset:
+#   q       <n x float>: integer codes (exact in float32), centred on zero where the format allows
+#           (Q4_*: code - 8, Q5_*: code - 16, Q6_K: code - 32), or the weights themselves
+#   scale   None (q are the weights), a float (a scalar, or <8 x float> with equal lanes), or a
+#           pair of scalars (lanes 0-15, 16-31)
+#   offset  None or a float (as scale) added after scaling (the minimum of Q4_1 / Q5_1 / Q*_K)
+#   bias    None or the integer the centring took from q, for formats with an offset
+# Decoding (kernels.decode_piece) evaluates exactly gguf-py's expression (q + bias is the stored
+# code, exact), so a decoded block equals `gguf.quants.dequantize` bit for bit.  A dot product
+# instead sums q * x over the piece first, scales once, and adds (scale * bias + offset) * sum(x);
+# centred codes keep both terms small, so this loses no precision to cancellation.
 # ---------------------------------------------------------------------------------------------
 
-def _emit_f32(b, p, n, fm):
-    yield _load(b, p, 0, _vec(_F32, n))
+class Piece(NamedTuple):
+    q: ir.Value
+    scale: object = None
+    offset: object = None
+    bias: int | None = None
 
 
-def _emit_f16(b, p, n, fm):
-    yield half_to_f32(b, _load(b, p, 0, _vec(_I16, n)))
+# Codes are expanded from bytes straight into 32-bit lanes, 8 at a time (x86: vpmovzxbd ymm, m64;
+# one instruction per 8 weights), and combined there: cheaper than widening <32 x i8> registers,
+# which costs a chain of shuffles on AVX2.
+
+def _ext8(b: ir.IRBuilder, p, off: int, signed: bool = False):
+    """8 bytes at `off` -> <8 x i32>."""
+    v = _load(b, p, off, _vec(_I8, 8))
+    return (b.sext if signed else b.zext)(v, _vec(_I32, 8))
 
 
-def _emit_bf16(b, p, n, fm):
+def _codes(b: ir.IRBuilder, parts):
+    """Four <8 x i32> (lanes 0-7, 8-15, 16-23, 24-31) of small integers -> <32 x float> (exact)."""
+    f = [b.sitofp(v, _vec(_F32, 8)) for v in parts]
+    return _concat(b, _concat(b, f[0], f[1]), _concat(b, f[2], f[3]))
+
+
+def _nibble_lanes(b: ir.IRBuilder, p, off: int, minus: int = 0):
+    """16 bytes at `off` -> elements 0..31 as 4 x <8 x i32>: low nibbles (0..15), high (16..31),
+    each minus `minus`."""
+    a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
+    t = a.type
+    parts = [b.and_(a, _c(t, 0x0F)), b.and_(c, _c(t, 0x0F)), b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4))]
+    return [b.sub(v, _c(t, minus)) for v in parts] if minus else parts
+
+
+def _add_bit_lanes(b: ir.IRBuilder, p, off: int, parts, value: int, minus: int = 0):
+    """parts (4 x <8 x i32>, lanes 0..31) + `value` where bit j of the u32 at `off` is set,
+    minus `minus` (qh of Q5_0 / Q5_1: value 16; minus 16 gives lo - (bit clear ? 16 : 0))."""
+    v = splat(b, _load(b, p, off, _I32), 8)
+    t = v.type
+    out = []
+    for k, part in enumerate(parts):
+        bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8 * k, 8 * k + 8)]))
+        hit = b.icmp_unsigned("==", b.and_(v, bits), bits)
+        out.append(b.add(part, b.select(hit, _c(t, value - minus), _c(t, -minus))))
+    return out
+
+
+def _shift_to(b: ir.IRBuilder, v, bit: int, to: int):
+    """Move bit `bit` of every lane to bit `to` (other bits: caller masks)."""
+    if bit < to:
+        return b.shl(v, _c(v.type, to - bit))
+    return b.lshr(v, _c(v.type, bit - to)) if bit > to else v
+
+
+def _emit_f32(b, p, n):
+    yield Piece(_load(b, p, 0, _vec(_F32, n)))
+
+
+def _emit_f16(b, p, n):
+    yield Piece(half_to_f32(b, _load(b, p, 0, _vec(_I16, n))))
+
+
+def _emit_bf16(b, p, n):
     it = _vec(_I32, n)
-    yield b.bitcast(b.shl(b.zext(_load(b, p, 0, _vec(_I16, n)), it), _c(it, 16)), _vec(_F32, n))
+    yield Piece(b.bitcast(b.shl(b.zext(_load(b, p, 0, _vec(_I16, n)), it), _c(it, 16)), _vec(_F32, n)))
 
 
-def _emit_q8_0(b, p, n, fm):
+def _emit_q8_0(b, p, n):
     # block_q8_0: f16 d; int8 qs[32].  w = q * d
-    d = splat(b, _f16_at(b, p, 0))
-    yield b.fmul(_to_f32(b, _load(b, p, 2, _vec(_I8, 32)), True), d, flags=fm)
+    yield Piece(_codes(b, [_ext8(b, p, 2 + 8 * k, True) for k in range(4)]), _f16_splat(b, p, 0))
 
 
-def _emit_q4_0(b, p, n, fm):
+def _emit_q4_0(b, p, n):
     # block_q4_0: f16 d; qs[16] (low nibble = elem j, high = elem j+16).  w = d * (q - 8)
-    d = splat(b, _f16_at(b, p, 0))
-    q = b.sub(_nibbles32(b, p, 2), _c(_vec(_I8, 32), 8))
-    yield b.fmul(d, _to_f32(b, q, True), flags=fm)
+    yield Piece(_codes(b, _nibble_lanes(b, p, 2, minus=8)), _f16_splat(b, p, 0))
 
 
-def _emit_q4_1(b, p, n, fm):
+def _emit_q4_1(b, p, n):
     # block_q4_1: f16 d, f16 m; qs[16].  w = d * q + m
-    d, m = splat(b, _f16_at(b, p, 0)), splat(b, _f16_at(b, p, 2))
-    yield b.fadd(b.fmul(d, _to_f32(b, _nibbles32(b, p, 4), False), flags=fm), m, flags=fm)
+    yield Piece(_codes(b, _nibble_lanes(b, p, 4, minus=8)), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 8)
 
 
-def _emit_q5_0(b, p, n, fm):
+def _emit_q5_0(b, p, n):
     # block_q5_0: f16 d; u32 qh (bit j = 5th bit of elem j); qs[16].  w = d * (q - 16)
-    d = splat(b, _f16_at(b, p, 0))
-    q = b.or_(_nibbles32(b, p, 6), _bits_to_lanes(b, p, 2, 16))
-    q = b.sub(q, _c(q.type, 16))
-    yield b.fmul(d, _to_f32(b, q, True), flags=fm)
+    q = _add_bit_lanes(b, p, 2, _nibble_lanes(b, p, 6), 16, minus=16)
+    yield Piece(_codes(b, q), _f16_splat(b, p, 0))
 
 
-def _emit_q5_1(b, p, n, fm):
+def _emit_q5_1(b, p, n):
     # block_q5_1: f16 d, f16 m; u32 qh; qs[16].  w = d * q + m
-    d, m = splat(b, _f16_at(b, p, 0)), splat(b, _f16_at(b, p, 2))
-    q = b.or_(_nibbles32(b, p, 8), _bits_to_lanes(b, p, 4, 16))
-    yield b.fadd(b.fmul(d, _to_f32(b, q, False), flags=fm), m, flags=fm)
+    q = _add_bit_lanes(b, p, 4, _nibble_lanes(b, p, 8), 16, minus=16)
+    yield Piece(_codes(b, q), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 16)
 
 
-def _emit_qk_45(b, p, fm, with_qh: bool):
+def _emit_qk_45(b, p, with_qh: bool):
     # block_q4_K: f16 d, f16 dmin, scales[12], qs[128]
     # block_q5_K: f16 d, f16 dmin, scales[12], qh[32], qs[128]
     # 8 sub-blocks of 32: sub 2c / 2c+1 = low / high nibbles of qs[32c : 32c+32];
     # Q5_K's 5th bit of sub i is bit i of qh[l].  w = (d * sc) * q - (dmin * m)
     d, dmin = _f16_at(b, p, 0), _f16_at(b, p, 2)
     qs_off = 48 if with_qh else 16
-    vt = _vec(_I8, 32)
-    qh = _load(b, p, 16, vt) if with_qh else None
+    qh = [_ext8(b, p, 16 + 8 * k) for k in range(4)] if with_qh else None
     scales = _k_scales(b, p, 4)
     for c in range(4):
-        qs = _load(b, p, qs_off + 32 * c, vt)
-        for half, q in enumerate((b.and_(qs, _c(vt, 0x0F)), b.lshr(qs, _c(vt, 4)))):
+        qs = [_ext8(b, p, qs_off + 32 * c + 8 * k) for k in range(4)]
+        for half in range(2):
             i = 2 * c + half
-            sc, mn = scales[i]
-            dl = splat(b, b.fmul(d, b.uitofp(sc, _F32)))
-            ml = splat(b, b.fmul(dmin, b.uitofp(mn, _F32)))
+            q = [b.and_(v, _c(v.type, 0x0F)) if half == 0 else b.lshr(v, _c(v.type, 4)) for v in qs]
             if with_qh:
-                q = b.or_(q, b.shl(b.and_(b.lshr(qh, _c(vt, i)), _c(vt, 1)), _c(vt, 4)))
-            yield b.fsub(b.fmul(dl, _to_f32(b, q, False), flags=fm), ml, flags=fm)
+                q = [b.or_(v, b.and_(_shift_to(b, h, i, 4), _c(h.type, 16))) for v, h in zip(q, qh)]
+            centre = 16 if with_qh else 8
+            q = [b.sub(v, _c(v.type, centre)) for v in q]
+            sc, mn = scales[i]
+            # x - y == x + (-y) exactly, so the offset form decodes like gguf-py's subtraction
+            yield Piece(_codes(b, q), b.fmul(d, b.uitofp(sc, _F32)),
+                        b.fneg(b.fmul(dmin, b.uitofp(mn, _F32))), centre)
 
 
-def _emit_q4_k(b, p, n, fm):
-    return _emit_qk_45(b, p, fm, with_qh=False)
+def _emit_q4_k(b, p, n):
+    return _emit_qk_45(b, p, with_qh=False)
 
 
-def _emit_q5_k(b, p, n, fm):
-    return _emit_qk_45(b, p, fm, with_qh=True)
+def _emit_q5_k(b, p, n):
+    return _emit_qk_45(b, p, with_qh=True)
 
 
-def _emit_q6_k(b, p, n, fm):
+def _emit_q6_k(b, p, n):
     # block_q6_K: ql[128], qh[64], int8 scales[16], f16 d (last!).
     # Element 128h + 32t + l (h<2, t<4, l<32): low 4 bits from ql[64h + 32(t&1) + l] (nibble t>>1),
     # high 2 bits = (qh[32h + l] >> 2t) & 3; w = (d * scales[e // 16]) * (q - 32)
     d = _f16_at(b, p, 208)
-    vt = _vec(_I8, 32)
     for h in range(2):
-        qh = _load(b, p, 128 + 32 * h, vt)
-        ql = [_load(b, p, 64 * h, vt), _load(b, p, 64 * h + 32, vt)]
+        qh = [_ext8(b, p, 128 + 32 * h + 8 * k) for k in range(4)]
+        ql = [[_ext8(b, p, 64 * h + 32 * s + 8 * k) for k in range(4)] for s in range(2)]
         for t in range(4):
-            lo = ql[t & 1]
-            lo = b.and_(lo, _c(vt, 0x0F)) if t < 2 else b.lshr(lo, _c(vt, 4))
-            hi = b.shl(b.and_(b.lshr(qh, _c(vt, 2 * t)), _c(vt, 3)), _c(vt, 4))
-            q = b.sub(b.or_(lo, hi), _c(vt, 32))
+            q = []
+            for lo, hi in zip(ql[t & 1], qh):
+                lo = b.and_(lo, _c(lo.type, 0x0F)) if t < 2 else b.lshr(lo, _c(lo.type, 4))
+                hi = b.and_(_shift_to(b, hi, 2 * t, 4), _c(hi.type, 0x30))
+                q.append(b.sub(b.or_(lo, hi), _c(lo.type, 32)))
             s0 = 192 + 8 * h + 2 * t  # two 16-element scale groups per 32 lanes
             dl0 = b.fmul(d, b.sitofp(_load(b, p, s0, _I8), _F32))
             dl1 = b.fmul(d, b.sitofp(_load(b, p, s0 + 1, _I8), _F32))
-            dl = _concat(b, splat(b, dl0, 16), splat(b, dl1, 16))
-            yield b.fmul(dl, _to_f32(b, q, True), flags=fm)
+            yield Piece(_codes(b, q), (dl0, dl1))
 
 
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
 
-Emitter = Callable[[ir.IRBuilder, ir.Value, int, tuple], Iterator[ir.Value]]
+Emitter = Callable[[ir.IRBuilder, ir.Value, int], Iterator[Piece]]
 
 
 @dataclass(frozen=True)
@@ -272,7 +330,7 @@ class QuantFormat:
     name: str
     block_size: int         # elements per block (1 for plain float types)
     type_size: int          # bytes per block
-    emit: Emitter           # IR for one block -> float32 vectors (see "Emitters" above)
+    emit: Emitter           # IR for one block -> Pieces (see "Emitters" above)
     # Future per-type fast paths (int8 dot, repacked layouts) hang off this row as extra fields.
 
     @property
