@@ -63,6 +63,21 @@ def _load(model, ctx=None, threads=None):
     return Model(str(path), n_ctx=ctx, threads=threads)
 
 
+def sampling_options(f):
+    """The sampling flags shared by generate and chat: llama.cpp's names and defaults."""
+    for opt in reversed([
+        click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy."),
+        click.option("--top-k", default=_D.top_k, show_default=True),
+        click.option("--top-p", default=_D.top_p, show_default=True),
+        click.option("--min-p", default=_D.min_p, show_default=True),
+        click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True),
+        click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True),
+        click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random."),
+    ]):
+        f = opt(f)
+    return f
+
+
 model_option = click.option("-m", "--model", default=catalog.DEFAULT_MODEL, show_default=True,
                             help="GGUF path or catalog name (see `edgelm pull --list`).")
 
@@ -71,13 +86,7 @@ model_option = click.option("-m", "--model", default=catalog.DEFAULT_MODEL, show
 @model_option
 @click.argument("prompt", required=False)
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, help="Tokens to generate.")
-@click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy.")
-@click.option("--top-k", default=_D.top_k, show_default=True)
-@click.option("--top-p", default=_D.top_p, show_default=True)
-@click.option("--min-p", default=_D.min_p, show_default=True)
-@click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True)
-@click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True)
-@click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random.")
+@sampling_options
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("-c", "--ctx", type=int, default=None, help="Context size in tokens.")
 @click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all cores).")
@@ -110,13 +119,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
 @cli.command()
 @model_option
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy.")
-@click.option("--top-k", default=_D.top_k, show_default=True)
-@click.option("--top-p", default=_D.top_p, show_default=True)
-@click.option("--min-p", default=_D.min_p, show_default=True)
-@click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True)
-@click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True)
-@click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random.")
+@sampling_options
 @click.option("-n", "--n-predict", "n_predict", default=-1, show_default=True,
               help="Most tokens per reply; -1 = until the end of the turn.")
 @click.option("--stop", multiple=True, help="Also end a reply at this text (repeatable).")
