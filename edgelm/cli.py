@@ -160,6 +160,26 @@ def info(models, as_json, tensors):
 
 
 @cli.command()
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("qtype", metavar="TYPE")
+def quantize(src, dst, qtype):
+    """Rewrite SRC as DST with its weight matrices in TYPE (q8_0, q4_0, q4_1, q5_0, q5_1).
+
+    Blocks equal gguf.quants' reference quantizer byte for byte; 1-D tensors (norms, biases) keep their type.
+    DST is written under a temporary name and appears only when complete."""
+    from .quantize import quantize_file
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise EdgeLMError(f"{dst}: the output must be a different file from the input")
+    with click.progressbar(length=1, label="quantizing", file=sys.stderr) as bar:
+        def step(name, i, n):
+            bar.length = n
+            bar.update(1)
+        counts = quantize_file(src, dst, qtype, progress=step)
+    click.echo(f"{dst}: {counts['quantized']} tensors quantized to {qtype.upper()}, {counts['copied']} copied", err=True)
+
+
+@cli.command()
 @click.argument("name", required=False)
 @click.option("--list", "list_", is_flag=True, help="List the catalog and what is downloaded.")
 def pull(name, list_):

@@ -142,10 +142,15 @@ class GGUFFile:
         if n_tensors > size_limit(self.file_size) or n_kv > size_limit(self.file_size):
             raise GGUFError(f"{self.path}: header is corrupted (tensor count {n_tensors}, key count {n_kv})")
         meta: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[int, int | None]] = {}   # key -> (GGUF value type, array item type)
         for i in range(n_kv):
             key = cur.string(f"key #{i}")
             vtype = cur.scalar("<I", f"type of {key}")
+            item = None
+            if vtype == _ARRAY and cur.pos + 4 <= len(buf):
+                item = struct.unpack_from("<I", buf, cur.pos)[0]
             meta[key] = cur.value(vtype, key)
+            self.value_types[key] = (vtype, item)
         self.metadata = meta
         infos = []
         for i in range(n_tensors):
