@@ -6,6 +6,8 @@ follow it closely are marked with the llama.cpp function they mirror.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import logging
 from typing import Any, Iterable
 
@@ -88,7 +90,7 @@ def _get_id(meta: dict, name: str, n_vocab: int, default: int | None) -> int | N
     return value
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface and shared machinery of the BPE and SentencePiece-style tokenizers.
 
     Subclasses set the vocab-type defaults before calling `_load_common` and implement `_encode_fragment`
@@ -357,8 +359,9 @@ class Tokenizer:
             out.append(self.eos_id)  # type: ignore[arg-type]
         return out
 
-    def _encode_fragment(self, text: str, prev_special: bool, out: list[int]) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _encode_fragment(self, text: str, prev_special: bool, out: list[int]) -> None:
+        """Append the ids of a piece of text that holds no special token (the model-specific algorithm)."""
 
     # ------------------------------------------------------------------ decode
 
@@ -398,8 +401,9 @@ class Tokenizer:
             self._piece_cache[id] = b
         return b
 
-    def _normal_piece_bytes(self, text: str) -> bytes:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _normal_piece_bytes(self, text: str) -> bytes:
+        """The bytes a normal (non-special) vocabulary entry stands for."""
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """The text of `ids`; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD.
