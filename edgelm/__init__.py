@@ -2,11 +2,12 @@
 
     import edgelm
     m = edgelm.load("smollm2-135m")          # a catalog name or a path to a .gguf
-    print(m.generate("The capital of France is", max_tokens=16, temperature=0))
+    text = m.generate("The capital of France is", max_tokens=16, temperature=0)
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 # Numba's OpenMP worker threads spin at each barrier by default. A decode step has ~200 parallel regions, so
 # when another process holds a core the spinning threads are descheduled at barriers: measured on a 2-core VM,
@@ -20,6 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .errors import ContextError, EdgeLMError, GGUFError, ModelNotFoundError, UnsupportedError
+
+if TYPE_CHECKING:
+    from .model import Model
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "EdgeLMError", "GGUFError", "UnsupportedError", "ContextError", "ModelNotFoundError"]

@@ -210,7 +210,7 @@ def _model_info(model, n_ctx: int) -> dict:
     from .model import N_BATCH
     from .quant.formats import format_for
     tensors = list(model.gguf.tensors.values())
-    n_params = sum(int(np.prod(t.shape)) for t in tensors)
+    n_params = model.n_params
     return {
         "build_commit": f"edgelm-{__version__}",
         "cpu_info": cpu_info(),

@@ -14,7 +14,7 @@ from .quant.formats import format_for
 def describe(path: str, with_tensors: bool = True) -> dict:
     g = GGUFFile(path)
     cfg = ModelConfig.from_gguf(g)
-    n_params = sum(int(np.prod(t.shape)) for t in g.tensors.values())
+    n_params = g.n_params
     bytes_by_type: Counter = Counter()
     params_by_type: Counter = Counter()
     for t in g.tensors.values():
@@ -69,7 +69,7 @@ def format_text(d: dict) -> str:
         f"  architecture   {d['architecture']}",
         f"  parameters     {d['parameters'] / 1e6:.1f} M   ({d['bits_per_weight']:.2f} bits/weight, "
         f"{d['file_size'] / 2**20:.1f} MiB)",
-        f"  quant types    " + ", ".join(f"{k} ×{v['tensors']}" for k, v in d["quant_types"].items()),
+        "  quant types    " + ", ".join(f"{k} ×{v['tensors']}" for k, v in d["quant_types"].items()),
         f"  layers         {d['layers']}   embedding {d['embedding']}   feed-forward {d['feed_forward']}",
         f"  attention      {attn}: {d['heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
         + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else ""),

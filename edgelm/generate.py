@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import codecs
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 
 from .sampling import Sampler, SamplingParams
 

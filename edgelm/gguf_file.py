@@ -139,7 +139,7 @@ class GGUFFile:
             raise UnsupportedError(f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are)")
         n_tensors = cur.scalar("<Q", "tensor count")
         n_kv = cur.scalar("<Q", "metadata count")
-        if n_tensors > size_limit(self.file_size) or n_kv > size_limit(self.file_size):
+        if n_tensors > self.file_size or n_kv > self.file_size:   # each entry takes at least a byte
             raise GGUFError(f"{self.path}: header is corrupted (tensor count {n_tensors}, key count {n_kv})")
         meta: dict[str, Any] = {}
         self.value_types: dict[str, tuple[int, int | None]] = {}   # key -> (GGUF value type, array item type)
@@ -204,16 +204,16 @@ class GGUFFile:
         return raw.reshape(info.n_rows, info.n_bytes // info.n_rows)
 
     @property
+    def n_params(self) -> int:
+        """Elements in all tensors (the model's parameter count)."""
+        return sum(int(np.prod(t.shape, dtype=np.int64)) for t in self.tensors.values())
+
+    @property
     def architecture(self) -> str:
         arch = self.require("general.architecture")
         if not isinstance(arch, str):
             raise GGUFError(f"{self.path}: general.architecture is not a string")
         return arch
-
-
-def size_limit(file_size: int) -> int:
-    """No count in the header can exceed the file size (each entry takes at least a byte)."""
-    return file_size
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -129,7 +129,7 @@ class Model:
     # -- description -----------------------------------------------------------------------------
     @property
     def n_params(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.gguf.tensors.values())
+        return self.gguf.n_params
 
     def __repr__(self) -> str:
         return f"<edgelm.Model {os.path.basename(self.path)} arch={self.config.arch} n_ctx={self.n_ctx}>"

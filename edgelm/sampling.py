@@ -6,7 +6,7 @@ penalty_repeat 1.00 over the last 64 tokens. Order: llama.cpp's default sampler 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 

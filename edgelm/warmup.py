@@ -33,7 +33,6 @@ def _marker() -> Path:
 
 def _cpu_name() -> str:
     try:
-        import numba
         from llvmlite import binding
         return binding.get_host_cpu_name()
     except Exception:

@@ -64,7 +64,7 @@ def test_greedy_generation_is_deterministic_and_seeded_sampling_repeats(smollm2)
 def test_context_full_stops_generation(smollm2_path):
     import edgelm
     m = edgelm.load(smollm2_path, n_ctx=12)
-    out = m.generate("Count: one two three", max_tokens=100, temperature=0)
+    m.generate("Count: one two three", max_tokens=100, temperature=0)
     assert m.last_stats.stop_reason == "context"
     assert m.cache.n_tokens == 12
     with pytest.raises(ContextError):

@@ -121,7 +121,6 @@ def test_unsupported_quant_type(tmp_path):
 
 def test_missing_tensor_named(tmp_path):
     p = _write_gguf(tmp_path / "few.gguf", extra={"tokenizer.ggml.model": "gpt2"})
-    import edgelm
     from edgelm.config import ModelConfig
     g = GGUFFile(p)
     with pytest.raises(GGUFError, match="llama.embedding_length"):
