@@ -28,10 +28,19 @@ class ModelConfig:
     rope_dim: int
     sliding_window: int    # 0 = none
     attn_scale: float
+    n_expert: int = 0      # mixture of experts: experts per layer (0 = dense)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0      # hidden size of one expert
+    expert_weights_norm: bool = False
+    rope_scaling: str = "none"     # "none" | "linear" | "yarn" (llama3-style factors come as a rope_freqs tensor)
+    rope_factor: float = 1.0
+    rope_orig_ctx: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
 
     def is_swa_layer(self, il: int) -> bool:
         p = self.traits.swa_pattern
-        return bool(self.sliding_window) and p > 0 and (il + 1) % p != 0
+        return bool(self.sliding_window) and p > 0 and (p == 1 or (il + 1) % p != 0)
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "ModelConfig":
@@ -41,12 +50,13 @@ class ModelConfig:
             known = ", ".join(sorted(ARCH_TRAITS))
             raise UnsupportedError(f"{g.path}: architecture '{arch}' is not supported (supported: {known})")
 
-        def key(name: str, default=None, required=False):
+        def key(name: str, default=None, required=False, kind=(int, float)):
             k = f"{arch}.{name}"
             if k in g.metadata:
                 v = g.metadata[k]
-                if not isinstance(v, (int, float)) or isinstance(v, bool):
-                    raise GGUFError(f"{g.path}: metadata key {k} should be a number, found {type(v).__name__}")
+                if not isinstance(v, kind) or (isinstance(v, bool) and bool not in kind):
+                    raise GGUFError(f"{g.path}: metadata key {k} should be a {kind[0].__name__}, "
+                                    f"found {type(v).__name__}")
                 return v
             if required:
                 raise GGUFError(f"{g.path}: required metadata key {k} is missing")
@@ -67,11 +77,16 @@ class ModelConfig:
         n_vocab = int(key("vocab_size", emb.shape[1] if len(emb.shape) > 1 else len(tokens or [])))
         rope_base = float(key("rope.freq_base", 10000.0))
         swa_base = key("rope.freq_base_swa", None)
+        n_expert = int(key("expert_count", 0))
+        scaling = str(key("rope.scaling.type", "none", kind=(str,)))
+        if scaling not in ("none", "linear", "yarn"):
+            raise UnsupportedError(f"{g.path}: {arch}.rope.scaling.type '{scaling}' is not supported "
+                                   f"(supported: none, linear, yarn)")
         cfg = cls(
             arch=arch, traits=traits,
             n_layer=int(key("block_count", required=True)),
             n_embd=n_embd,
-            n_ff=int(key("feed_forward_length", required=True)),
+            n_ff=int(key("feed_forward_length", 0, required=not n_expert)),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
             n_vocab=n_vocab,
             n_ctx_train=int(key("context_length", 2048)),
@@ -80,8 +95,19 @@ class ModelConfig:
             rope_base_swa=float(swa_base if swa_base is not None else (traits.rope_base_swa or rope_base)),
             rope_dim=int(key("rope.dimension_count", head_dim)),
             sliding_window=int(key("attention.sliding_window", 0)),
-            attn_scale=1.0 / math.sqrt(head_dim),
+            attn_scale=float(key("attention.scale", 1.0 / math.sqrt(head_dim))),
+            n_expert=n_expert,
+            n_expert_used=int(key("expert_used_count", 0, required=bool(n_expert))),
+            n_ff_exp=int(key("expert_feed_forward_length", 0, required=bool(n_expert))),
+            expert_weights_norm=bool(key("expert_weights_norm", traits.expert_weights_norm, kind=(bool,))),
+            rope_scaling=scaling,
+            rope_factor=float(key("rope.scaling.factor", 1.0)),
+            rope_orig_ctx=int(key("rope.scaling.original_context_length", 0)),
+            yarn_beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+            yarn_beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
         )
+        if n_expert and not 0 < cfg.n_expert_used <= n_expert:
+            raise GGUFError(f"{g.path}: {arch}.expert_used_count {cfg.n_expert_used} is not in 1..{n_expert}")
         return cfg
 
     @property

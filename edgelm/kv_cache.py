@@ -1,4 +1,4 @@
-"""The KV cache: f16 keys and values per layer, sized to the context asked for, plus the token ids it holds
+"""The KV cache: f16 (or f32, for exact comparisons) keys and values per layer, sized to the context asked for, plus the token ids it holds
 (so a new prompt can reuse the longest common prefix)."""
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import numpy as np
 from .config import ModelConfig
 
 
+KV_TYPES = {"f16": np.uint16, "f32": np.float32}   # f16 kept as its bits (Numba has no CPU float16)
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
-        self.n_ctx = n_ctx
+    def __init__(self, cfg: ModelConfig, n_ctx: int, kv_type: str = "f16"):
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        self.n_ctx, self.kv_type = n_ctx, kv_type
+        dtype = KV_TYPES[kv_type]
         # np.zeros maps untouched pages lazily: resident memory grows with the tokens actually stored.
-        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), np.uint16)
-        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim_v), np.uint16)
+        self.k = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim), dtype)
+        self.v = np.zeros((cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim_v), dtype)
         self.tokens: list[int] = []   # ids whose K/V are stored at positions 0..len-1
 
     @property
@@ -22,8 +28,10 @@ class KVCache:
     def store(self, il: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         """k (T, n_kv, hd), v (T, n_kv, hd_v) in float32 for positions pos0..pos0+T-1 (rounded to f16)."""
         T = k.shape[0]
-        self.k[il, :, pos0:pos0 + T] = k.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
-        self.v[il, :, pos0:pos0 + T] = v.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
+        if self.kv_type == "f16":
+            k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+        self.k[il, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        self.v[il, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
 
     def truncate(self, n: int) -> None:
         """Forget positions n and later (their slots are overwritten by the next evaluation)."""

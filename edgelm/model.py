@@ -34,6 +34,10 @@ class Model:
         if n_ctx is not None and n_ctx <= 0:
             raise EdgeLMError(f"context size must be positive, got {n_ctx}")
         self.n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train))
+        limit = self.decoder.max_positions
+        if limit is not None and self.n_ctx > limit:
+            raise ContextError(f"{path}: context size {self.n_ctx} is larger than the {limit} positions the model "
+                               f"has learned embeddings for")
         self.cache = KVCache(self.config, self.n_ctx)
         self.last_stats: GenerationStats | None = None
         from .warmup import ensure_compiled

@@ -52,7 +52,7 @@ def ensure_compiled(model) -> None:
     dec.forward(ids[:1], 2, cache)             # decode path: matvec, serial decode attention
     from .arch import attention
     q = np.zeros((1, model.config.n_head, model.config.head_dim), np.float32)
-    attention._decode_parallel(q[0], cache.k[0], cache.v[0], 3, 0, np.float32(1.0),
+    attention._decode_parallel(q[0], cache.k[0], cache.v[0], 3, 0, np.float32(1.0), attention._NO_SINKS,
                                np.empty((model.config.n_head, model.config.head_dim_v), np.float32))
     cache.clear()
     try:

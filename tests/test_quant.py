@@ -8,7 +8,8 @@ from edgelm.errors import UnsupportedError
 from edgelm.quant import FORMATS, dequantize, format_for, get_rows, matmul, matvec, row_bytes
 
 T = gguf.GGMLQuantizationType
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
+         T.MXFP4]
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
 
 
@@ -152,6 +153,80 @@ def test_f16_portable_integer_path():
     assert np.array_equal(_bits(got), _bits(h.view(np.float16).astype(np.float32)))
 
 
+def _mxfp4_every_block():
+    """MXFP4 blocks covering every (exponent byte, code byte) pair: 16 blocks per exponent 0..255,
+    whose 16 code bytes together take all 256 values (so every code in both nibble positions)."""
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    raw = np.empty((256, 16, 17), np.uint8)
+    raw[:, :, 0] = np.arange(256, dtype=np.uint8)[:, None]
+    raw[:, :, 1:] = codes[None]
+    raw = raw.reshape(-1, 17)
+    with np.errstate(over="ignore"):  # 12 * 2^127 is inf, in gguf-py as here
+        ref = gguf.quants.dequantize(raw, T.MXFP4).reshape(-1, 32).astype(np.float32)
+    return raw, ref
+
+
+def test_mxfp4_every_exponent_and_code():
+    """E8M0 edge cases (0 and 1: subnormal scales, 255: 2^127, not NaN) and every code, bit exact;
+    as 256 rows of 512, and through get_rows."""
+    raw, ref = _mxfp4_every_block()
+    assert not np.any(np.isnan(ref)) and np.any(np.isinf(ref))
+    assert np.any((ref != 0) & (np.abs(ref) < np.finfo(np.float32).tiny))  # subnormal weights
+    got = dequantize(raw.reshape(256, -1), T.MXFP4, 512)
+    assert np.array_equal(_bits(got), _bits(ref.reshape(256, 512)))
+    ids = np.array([0, 1, 255, 254, 127, 128, 2])
+    assert np.array_equal(_bits(get_rows(raw.reshape(256, -1), T.MXFP4, 512, ids)),
+                          _bits(ref.reshape(256, 512)[ids]))
+
+
+def test_mxfp4_random_raw_blocks():
+    rng = np.random.default_rng(39)
+    raw = rng.integers(0, 256, (5 * 24, 17), dtype=np.uint8)
+    raw[:10, 0] = [0, 1, 127, 254, 255, 0, 1, 127, 254, 255]
+    with np.errstate(over="ignore"):
+        ref = gguf.quants.dequantize(raw, T.MXFP4).reshape(5, 768)
+    got = dequantize(raw.reshape(5, -1), T.MXFP4, 768)
+    assert np.array_equal(_bits(got), _bits(ref))
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["portable", "pshufb"])
+def test_mxfp4_both_lookup_paths(shuffle):
+    """The byte-shuffle lookup (x86 SSSE3) and the portable arithmetic one are both exact, whichever
+    the kernels use on this machine."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from edgelm.quant import formats
+    from edgelm.quant.kernels import decode_piece
+
+    if shuffle and not formats._SSSE3:
+        pytest.skip("target has no SSSE3")
+
+    @intrinsic
+    def decode_block(typingctx, src, dst, i):
+        def codegen(context, builder, sig, args):
+            s = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+            d = context.make_array(sig.args[1])(context, builder, value=args[1]).data
+            p = builder.gep(s, [builder.mul(args[2], ir.Constant(ir.IntType(64), 17))])
+            q = formats._codes(builder, formats._mxfp4_lanes(builder, p, 1, shuffle=shuffle))
+            w = decode_piece(builder, formats.Piece(q, formats._e8m0_half(builder, p, 0)))
+            fp = builder.gep(d, [builder.mul(args[2], ir.Constant(ir.IntType(64), 32))])
+            builder.store(w, builder.bitcast(fp, w.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(src, dst, types.int64), codegen
+
+    @njit
+    def decode(src, dst):
+        for i in range(src.size // 17):
+            decode_block(src, dst, i)
+
+    raw, ref = _mxfp4_every_block()
+    got = np.empty(ref.size, np.float32)
+    decode(raw.reshape(-1), got)
+    assert np.array_equal(_bits(got), _bits(ref.reshape(-1)))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_get_rows(qtype):
     n_rows, n_in = 9, 256 if gguf.GGML_QUANT_SIZES[qtype][0] > 1 else 100
@@ -195,7 +270,7 @@ def test_matmul(qtype):
             _assert_close(Y, X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.F16, T.MXFP4], ids=lambda t: t.name)
 def test_large_parallel_paths(qtype):
     """Big enough for the threaded paths, with ragged tiles (rows % 4 != 0, M spanning tiles)."""
     n_out, n_in = 1030, 512
@@ -266,7 +341,7 @@ def _check_fused(outs, refs, X):
 
 
 MIXED = [(T.Q5_0, 7), (T.Q8_0, 5), (T.Q4_K, 3), (T.Q6_K, 9), (T.F16, 2), (T.Q4_1, 1), (T.Q5_K, 4),
-         (T.Q4_0, 6), (T.Q5_1, 3), (T.BF16, 2), (T.F32, 1)]
+         (T.Q4_0, 6), (T.Q5_1, 3), (T.BF16, 2), (T.F32, 1), (T.MXFP4, 5)]
 
 
 @pytest.mark.parametrize("n_in", [256, 768])

@@ -1,4 +1,4 @@
-"""Causal attention over the f16 KV cache (stored as uint16 bits: Numba has no float16 on CPU).
+"""Causal attention over the KV cache: f16 (stored as uint16 bits: Numba has no float16 on CPU) or f32.
 
 Prefill (many queries) converts the visible K/V slice to float32 once and uses BLAS; decode (one query)
 runs a Numba kernel that converts f16 in registers, so the cache is never copied per token.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..quant.formats import half_to_f32
 
@@ -21,11 +21,28 @@ def _f16(typingctx, h):
     return types.float32(types.uint16), codegen
 
 
+def _kv_f32(x):
+    """A cache element as float32: f16 bits (uint16) are converted, float32 passes through."""
+    raise NotImplementedError   # only called from compiled code
+
+
+@overload(_kv_f32)
+def _kv_f32_impl(x):
+    if x == types.uint16:
+        return lambda x: _f16(x)
+    return lambda x: np.float32(x)
+
+
+def kv_as_f32(a: np.ndarray) -> np.ndarray:
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+
+
 BLOCK = 64   # keys per parallel task in decode attention
 
 
-def _decode_attention_py(q, kc, vc, n_keys, lo, scale, out):
+def _decode_attention_py(q, kc, vc, n_keys, lo, scale, sinks, out):
     # q (n_head, hd) f32; kc/vc (n_kv, n_ctx, hd) uint16 (f16 bits); keys lo..n_keys-1 visible; out (n_head, hdv).
+    # sinks: per-head logits of a virtual key with no value (gpt-oss), or an empty array.
     # Tasks are (kv head, block of keys): each K/V block is converted once and serves all heads of its group
     # (MQA/GQA), and short contexts still split across threads.
     n_head, hd = q.shape
@@ -42,7 +59,7 @@ def _decode_attention_py(q, kc, vc, n_keys, lo, scale, out):
         kf = np.empty(hd, np.float32)
         for j in range(j0, j1):
             for d in range(hd):
-                kf[d] = _f16(kc[kh, lo + j, d])
+                kf[d] = _kv_f32(kc[kh, lo + j, d])
             for g in range(group):
                 h = kh * group + g
                 acc = np.float32(0.0)
@@ -54,6 +71,9 @@ def _decode_attention_py(q, kc, vc, n_keys, lo, scale, out):
         for j in range(1, n):
             m = max(m, s[h, j])
         tot = np.float32(0.0)
+        if sinks.size:
+            m = max(m, sinks[h])
+            tot = np.exp(sinks[h] - m)
         for j in range(n):
             e = np.exp(s[h, j] - m)
             s[h, j] = e
@@ -70,7 +90,7 @@ def _decode_attention_py(q, kc, vc, n_keys, lo, scale, out):
         vf = np.empty(hdv, np.float32)
         for j in range(j0, j1):
             for d in range(hdv):
-                vf[d] = _f16(vc[kh, lo + j, d])
+                vf[d] = _kv_f32(vc[kh, lo + j, d])
             for g in range(group):
                 h = kh * group + g
                 w = s[h, j]
@@ -90,10 +110,15 @@ _decode_serial = nb.njit(fastmath=True, cache=True)(_decode_attention_py)
 SERIAL_MAX_WORK = 1 << 17   # heads x keys x head_dim below which one thread is faster
 
 
+_NO_SINKS = np.zeros(0, np.float32)
+
+
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, window: int,
-              scale: float) -> np.ndarray:
+              scale: float, sinks: np.ndarray | None = None) -> np.ndarray:
     """q (T, n_head, hd) for positions pos0..pos0+T-1, whose K/V are already in the cache.
-    Query at position p sees keys max(0, p-window+1)..p (window 0 = all). Returns (T, n_head, hd_v)."""
+    Query at position p sees keys max(0, p-window+1)..p (window 0 = all). `sinks` (n_head,) adds a logit per
+    head to each softmax's denominator only (gpt-oss; transformers eager_attention_forward drops its column).
+    Returns (T, n_head, hd_v)."""
     T, n_head, hd = q.shape
     n_kv, _, hdv = v_cache.shape
     end = pos0 + T
@@ -101,11 +126,11 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
         lo = max(0, end - window) if window else 0
         out = np.empty((1, n_head, hdv), np.float32)
         kernel = _decode_serial if n_head * (end - lo) * hd <= SERIAL_MAX_WORK else _decode_parallel
-        kernel(q[0], k_cache, v_cache, end, lo, np.float32(scale), out[0])
+        kernel(q[0], k_cache, v_cache, end, lo, np.float32(scale), _NO_SINKS if sinks is None else sinks, out[0])
         return out
     lo = max(0, pos0 - window + 1) if window else 0
-    keys = k_cache[:, lo:end].view(np.float16).astype(np.float32)    # (n_kv, n, hd)
-    vals = v_cache[:, lo:end].view(np.float16).astype(np.float32)
+    keys = kv_as_f32(k_cache[:, lo:end])    # (n_kv, n, hd)
+    vals = kv_as_f32(v_cache[:, lo:end])
     group = n_head // n_kv
     qp = np.arange(pos0, end)[:, None]
     kp = np.arange(lo, end)[None, :]
@@ -117,8 +142,15 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
         qg = q[:, kh * group:(kh + 1) * group].transpose(1, 0, 2)    # (group, T, hd)
         s = np.matmul(qg, keys[kh].T) * np.float32(scale)            # (group, T, n)
         s[:, masked] = -np.inf
-        s -= s.max(axis=-1, keepdims=True)
+        m = s.max(axis=-1, keepdims=True)
+        if sinks is not None:
+            sink = sinks[kh * group:(kh + 1) * group, None, None]
+            m = np.maximum(m, sink)
+        s -= m
         np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        denom = s.sum(axis=-1, keepdims=True)
+        if sinks is not None:
+            denom += np.exp(sink - m)
+        s /= denom
         out[:, kh * group:(kh + 1) * group] = np.matmul(s, vals[kh]).transpose(1, 0, 2)
     return out

@@ -1,6 +1,8 @@
 """The numeric pieces of a transformer layer, in float32 like transformers' reference computation."""
 from __future__ import annotations
 
+import math
+
 import numba as nb
 import numpy as np
 
@@ -50,22 +52,75 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
         return x / (np.float32(1.0) + np.exp(np.float32(-2.0) * z))
 
 
+# gpt-oss's clamped SwiGLU (transformers models/gpt_oss/modeling_gpt_oss.py GptOssExperts._apply_gate;
+# llama.cpp ggml swiglu_oai): config swiglu_alpha 1.702, swiglu_limit 7.0.
+SWIGLU_OAI_ALPHA = np.float32(1.702)
+SWIGLU_OAI_LIMIT = np.float32(7.0)
+
+
+def swiglu_oai(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = np.minimum(gate, SWIGLU_OAI_LIMIT)
+    u = np.clip(up, -SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+    with np.errstate(over="ignore"):
+        glu = g / (np.float32(1.0) + np.exp(-SWIGLU_OAI_ALPHA * g))
+    return (u + np.float32(1.0)) * glu
+
+
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+# Gated MLPs: act(gate) * up, or a function of both.
+GLUS = {"silu": lambda g, u: silu(g) * u, "gelu_tanh": lambda g, u: gelu_tanh(g) * u, "swiglu_oai": swiglu_oai}
 NORMS = {"rms": lambda x, w, b, eps: rms_norm(x, w, eps), "layer": layer_norm}
 
 
-class Rope:
-    """Rotary embeddings for one (base, dim, style), with cos/sin computed as transformers does
-    (inv_freq and angles in float32) so positions far into the context round the same way."""
+def rope_frequencies(base: float, dim: int, scaling: str = "none", factor: float = 1.0, orig_ctx: int = 0,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+                     freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 (dim/2,), cos/sin multiplier), computed as transformers' modeling_rope_utils.py does
+    (default, linear and yarn rope types, float32 arrays, Python floats for the scalars). Llama-3 scaling
+    arrives as per-frequency divisors (llama.cpp's rope_freqs tensor, made at conversion)."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    pos_freqs = (np.float32(base) ** exponent).astype(np.float32)
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    attn_factor = 1.0
+    if scaling == "linear":
+        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+    elif scaling == "yarn":
+        # _compute_yarn_parameters: ramp between the dims that rotate beta_fast and beta_slow times over the
+        # original context; attention factor 0.1 ln(factor) + 1.
+        def correction_dim(n_rot):
+            return (dim * math.log(orig_ctx / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (np.float32(1.0) - ramp).astype(np.float32)
+        interpolation = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+        inv_freq = (interpolation * (np.float32(1.0) - extrapolation) + inv_freq * extrapolation).astype(np.float32)
+        attn_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    if freq_factors is not None:
+        inv_freq = (inv_freq / freq_factors.astype(np.float32)).astype(np.float32)
+    return inv_freq, attn_factor
 
-    def __init__(self, base: float, dim: int, style: str):
-        self.dim, self.style = dim, style
-        exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        self.inv_freq = (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
+
+class Rope:
+    """Rotary embeddings for one set of frequencies and style, with cos/sin computed as transformers does
+    (angles in float32) so positions far into the context round the same way."""
+
+    def __init__(self, inv_freq: np.ndarray, style: str, attn_factor: float = 1.0):
+        self.dim, self.style = 2 * len(inv_freq), style
+        self.inv_freq = np.asarray(inv_freq, np.float32)
+        self.attn_factor = np.float32(attn_factor)
 
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
-        return np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]   # (T, 1, dim/2): broadcast over heads
+        cos, sin = np.cos(ang), np.sin(ang)
+        if self.attn_factor != 1:
+            cos *= self.attn_factor
+            sin *= self.attn_factor
+        return cos[:, None, :], sin[:, None, :]   # (T, 1, dim/2): broadcast over heads
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
         """Rotate x (T, heads, head_dim) in place; only the first `dim` features of each head rotate."""

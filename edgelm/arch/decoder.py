@@ -1,8 +1,10 @@
-"""The one forward pass: every supported architecture is this decoder plus its ArchTraits.
+"""The one forward pass: every supported architecture is this decoder plus its ArchTraits and the tensors
+its file holds.
 
-Tensor names are llama.cpp's (gguf-py constants.py TENSOR_NAMES): token_embd, output_norm, output,
-blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, attn_q_norm, attn_k_norm, post_attention_norm,
-ffn_norm, ffn_gate, ffn_up, ffn_down, post_ffw_norm}.
+Tensor names are llama.cpp's (gguf-py constants.py TENSOR_NAMES): token_embd, position_embd, output_norm,
+output, rope_freqs, blk.N.{attn_norm, attn_q, attn_k, attn_v | attn_qkv, attn_output, attn_q_norm,
+attn_k_norm, attn_sinks, post_attention_norm, ffn_norm, ffn_gate, ffn_up, ffn_down, post_ffw_norm,
+ffn_gate_inp, ffn_gate_exps, ffn_up_exps, ffn_down_exps}, each with an optional .bias beside its .weight.
 """
 from __future__ import annotations
 
@@ -19,50 +21,53 @@ from ..quant import kernels
 from ..quant.kernels import FusedLinear
 from ..quant.formats import dequantize
 from .attention import attention
-from .blocks import ACTIVATIONS, NORMS, Rope
+from .blocks import ACTIVATIONS, GLUS, NORMS, Rope, rope_frequencies
 
 
 @dataclass
 class Linear:
-    """A weight matrix kept in its quantized blocks; y = x @ W.T computed block by block."""
+    """A weight matrix kept in its quantized blocks; y = x @ W.T (+ bias) computed block by block."""
     name: str
     raw: np.ndarray      # uint8 (n_out, row_bytes), a view of the mapped file
     ggml_type: int
     n_out: int
     n_in: int
+    bias: np.ndarray | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] == 1:
-            return kernels.matvec(self.raw, self.ggml_type, self.n_out, self.n_in, x[0])[None, :]
-        return kernels.matmul(self.raw, self.ggml_type, self.n_out, self.n_in, x)
+            y = kernels.matvec(self.raw, self.ggml_type, self.n_out, self.n_in, x[0])[None, :]
+        else:
+            y = kernels.matmul(self.raw, self.ggml_type, self.n_out, self.n_in, x)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return kernels.get_rows(self.raw, self.ggml_type, self.n_in, ids)
 
+    def split(self, sizes: list[int]) -> list["Linear"]:
+        """Consecutive row ranges as their own matrices (views: fused QKV or gate/up stay in place)."""
+        if sum(sizes) != self.n_out:
+            raise GGUFError(f"tensor {self.name} has {self.n_out} rows, expected {sum(sizes)} ({sizes})")
+        out, r = [], 0
+        for n in sizes:
+            b = None if self.bias is None else self.bias[r:r + n]
+            out.append(Linear(self.name, self.raw[r:r + n], self.ggml_type, n, self.n_in, b))
+            r += n
+        return out
 
-@dataclass
-class Layer:
-    attn_norm: np.ndarray
-    wq: Linear
-    wk: Linear
-    wv: Linear
-    wo: Linear
-    ffn_norm: np.ndarray
-    w_gate: Linear
-    w_up: Linear
-    w_down: Linear
-    q_norm: np.ndarray | None
-    k_norm: np.ndarray | None
-    post_attn_norm: np.ndarray | None
-    post_ffn_norm: np.ndarray | None
-    rope: Rope
-    window: int
-    qkv: FusedLinear | None = None      # wq, wk, wv in one parallel region (they share their input)
-    gate_up: FusedLinear | None = None  # w_gate, w_up likewise
 
-    def __post_init__(self):
-        self.qkv = FusedLinear([self.wq, self.wk, self.wv], self.wq.n_in)
-        self.gate_up = FusedLinear([self.w_gate, self.w_up], self.w_gate.n_in)
+class Fused:
+    """Matrices sharing one input, computed in one parallel region; biases added afterwards."""
+
+    def __init__(self, parts: list[Linear]):
+        self.kernel = FusedLinear(parts, parts[0].n_in)
+        self.biases = [p.bias for p in parts]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        ys = self.kernel(x)
+        return [y if b is None else y + b for y, b in zip(ys, self.biases)]
 
 
 class Weights:
@@ -79,9 +84,8 @@ class Weights:
             raise GGUFError(f"{self.g.path}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
         return info
 
-    def linear(self, name: str, n_in: int, n_out: int) -> Linear:
-        info = self._info(name, (n_in, n_out))
-        return Linear(name, self.g.tensor(name), info.ggml_type, n_out, n_in)
+    def has(self, name: str) -> bool:
+        return name in self.g.tensors
 
     def vector(self, name: str, n: int) -> np.ndarray:
         info = self._info(name, (n,))
@@ -91,10 +95,102 @@ class Weights:
         return dequantize(raw, info.ggml_type, n).reshape(n)
 
     def optional_vector(self, name: str, n: int) -> np.ndarray | None:
-        return self.vector(name, n) if name in self.g.tensors else None
+        return self.vector(name, n) if self.has(name) else None
 
-    def has(self, name: str) -> bool:
-        return name in self.g.tensors
+    def matrix_f32(self, name: str, n_in: int, n_rows: int) -> np.ndarray:
+        """A small 2-D tensor (expert biases) as float32 (n_rows, n_in)."""
+        info = self._info(name, (n_in, n_rows))
+        return dequantize(self.g.tensor(name), info.ggml_type, n_in)
+
+    def linear(self, stem: str, n_in: int, n_out: int) -> Linear:
+        """`stem`.weight (n_out x n_in) with `stem`.bias if the file has one."""
+        name = stem + ".weight"
+        info = self._info(name, (n_in, n_out))
+        return Linear(name, self.g.tensor(name), info.ggml_type, n_out, n_in,
+                      self.optional_vector(stem + ".bias", n_out))
+
+    def experts(self, stem: str, n_in: int, n_out: int, n_expert: int) -> list[Linear]:
+        """A 3-D expert tensor (n_expert matrices n_out x n_in, stacked) as one Linear view per expert."""
+        name = stem + ".weight"
+        info = self._info(name, (n_in, n_out, n_expert))
+        raw = self.g.tensor(name)
+        bias = self.matrix_f32(stem + ".bias", n_out, n_expert) if self.has(stem + ".bias") else None
+        return [Linear(f"{name}[{e}]", raw[e * n_out:(e + 1) * n_out], info.ggml_type, n_out, n_in,
+                       None if bias is None else bias[e]) for e in range(n_expert)]
+
+
+class GatedMLP:
+    """down(glu(gate(x), up(x))): SwiGLU, GeGLU, gpt-oss's clamped SwiGLU."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear, glu):
+        self.gate_up = Fused([gate, up])
+        self.down, self.glu = down, glu
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        g, u = self.gate_up(h)
+        return self.down(self.glu(g, u))
+
+
+class PlainMLP:
+    """down(act(up(x))): GPT-2."""
+
+    def __init__(self, up: Linear, down: Linear, act):
+        self.up, self.down, self.act = up, down, act
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return self.down(self.act(self.up(h)))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class MoE:
+    """Routed experts: a linear router picks n_used experts per token and mixes their outputs.
+
+    "softmax_topk" (Qwen3-MoE): probabilities over all experts, keep the top k, optionally renormalised.
+    "topk_softmax" (gpt-oss): keep the top-k router logits, softmax over those. Only experts that some token
+    chose are evaluated, each once over all of its tokens."""
+
+    def __init__(self, router: Linear, experts: list[GatedMLP], n_used: int, routing: str, norm_weights: bool):
+        self.router, self.experts = router, experts
+        self.n_used, self.routing, self.norm_weights = n_used, routing, norm_weights
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        logits = self.router(h)                                      # (T, n_expert)
+        k = self.n_used
+        if self.routing == "topk_softmax":
+            top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+            weights = _softmax(np.take_along_axis(logits, top, axis=1))
+        else:
+            probs = _softmax(logits)
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            weights = np.take_along_axis(probs, top, axis=1)
+            if self.norm_weights:
+                weights = weights / weights.sum(axis=1, keepdims=True)
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            tok, slot = np.nonzero(top == e)
+            y = self.experts[e](np.ascontiguousarray(h[tok]))
+            out[tok] += weights[tok, slot][:, None] * y
+        return out
+
+
+@dataclass
+class Layer:
+    attn_norm: tuple                   # (weight, bias or None)
+    qkv: Fused
+    wo: Linear
+    ffn_norm: tuple
+    mlp: object                        # GatedMLP | PlainMLP | MoE
+    rope: Rope | None
+    window: int
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+    sinks: np.ndarray | None = None
 
 
 class Decoder:
@@ -102,79 +198,128 @@ class Decoder:
         self.cfg = cfg
         t = cfg.traits
         w = Weights(g)
-        d, hq, hk = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-        hv = cfg.n_head_kv * cfg.head_dim_v
-        self.tok_embd = w.linear("token_embd.weight", d, cfg.n_vocab)
+        d = cfg.n_embd
+        self.tok_embd = w.linear("token_embd", d, cfg.n_vocab)
         # Tied embeddings: no output.weight means the embedding matrix is the output projection too.
-        self.output = w.linear("output.weight", d, cfg.n_vocab) if w.has("output.weight") else self.tok_embd
-        self.output_norm = w.vector("output_norm.weight", d)
+        self.output = w.linear("output", d, cfg.n_vocab) if w.has("output.weight") else self.tok_embd
+        self.output_norm = self._norm(w, "output_norm", d)
         self.embed_scale = np.float32(math.sqrt(d)) if t.embed_scale_sqrt_dim else None
+        self.pos_embd = w.linear("position_embd", d, cfg.n_ctx_train) if t.positions == "learned" else None
         self.norm = NORMS[t.norm]
-        self.act = ACTIVATIONS[t.activation]
-        rope_global = Rope(cfg.rope_base, cfg.rope_dim, t.rope_style)
-        rope_local = Rope(cfg.rope_base_swa, cfg.rope_dim, t.rope_style)
-        self.layers = []
-        for il in range(cfg.n_layer):
-            p = f"blk.{il}."
-            swa = cfg.is_swa_layer(il)
-            self.layers.append(Layer(
-                attn_norm=w.vector(p + "attn_norm.weight", d),
-                wq=w.linear(p + "attn_q.weight", d, hq),
-                wk=w.linear(p + "attn_k.weight", d, hk),
-                wv=w.linear(p + "attn_v.weight", d, hv),
-                wo=w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, d),
-                ffn_norm=w.vector(p + "ffn_norm.weight", d),
-                w_gate=w.linear(p + "ffn_gate.weight", d, cfg.n_ff),
-                w_up=w.linear(p + "ffn_up.weight", d, cfg.n_ff),
-                w_down=w.linear(p + "ffn_down.weight", cfg.n_ff, d),
-                q_norm=w.vector(p + "attn_q_norm.weight", cfg.head_dim) if t.qk_norm else None,
-                k_norm=w.vector(p + "attn_k_norm.weight", cfg.head_dim) if t.qk_norm else None,
-                post_attn_norm=w.vector(p + "post_attention_norm.weight", d) if t.sandwich_norm else None,
-                post_ffn_norm=w.vector(p + "post_ffw_norm.weight", d) if t.sandwich_norm else None,
-                rope=rope_local if swa else rope_global,
-                window=cfg.sliding_window if swa else 0,
-            ))
+        ropes = self._ropes(cfg, w) if t.positions == "rope" else {}
+        self.layers = [self._layer(cfg, w, f"blk.{il}.", il, ropes) for il in range(cfg.n_layer)]
+
+    @staticmethod
+    def _norm(w: Weights, stem: str, n: int) -> tuple:
+        return w.vector(stem + ".weight", n), w.optional_vector(stem + ".bias", n)
+
+    @staticmethod
+    def _ropes(cfg: ModelConfig, w: Weights) -> dict[bool, Rope]:
+        """The rotation of global layers (False) and sliding-window layers (True)."""
+        factors = w.optional_vector("rope_freqs.weight", cfg.rope_dim // 2)   # Llama-3 scaling, made at conversion
+        out = {}
+        for swa, base in ((False, cfg.rope_base), (True, cfg.rope_base_swa)):
+            inv_freq, attn_factor = rope_frequencies(
+                base, cfg.rope_dim, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, cfg.yarn_beta_fast,
+                cfg.yarn_beta_slow, cfg.traits.yarn_truncate, factors)
+            out[swa] = Rope(inv_freq, cfg.traits.rope_style, attn_factor)
+        return out
+
+    def _layer(self, cfg: ModelConfig, w: Weights, p: str, il: int, ropes: dict) -> Layer:
+        t = cfg.traits
+        d = cfg.n_embd
+        hq, hk, hv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.n_head_kv * cfg.head_dim_v
+        if w.has(p + "attn_qkv.weight"):             # GPT-2 c_attn, Phi-3 qkv_proj: one matrix, split in place
+            q, k, v = w.linear(p + "attn_qkv", d, hq + hk + hv).split([hq, hk, hv])
+        else:
+            q, k, v = (w.linear(p + "attn_q", d, hq), w.linear(p + "attn_k", d, hk), w.linear(p + "attn_v", d, hv))
+        swa = cfg.is_swa_layer(il)
+        return Layer(
+            attn_norm=self._norm(w, p + "attn_norm", d),
+            qkv=Fused([q, k, v]),
+            wo=w.linear(p + "attn_output", cfg.n_head * cfg.head_dim_v, d),
+            ffn_norm=self._norm(w, p + t.ffn_norm, d),
+            mlp=self._mlp(cfg, w, p),
+            rope=ropes.get(swa),
+            window=cfg.sliding_window if swa else 0,
+            q_norm=w.vector(p + "attn_q_norm.weight", cfg.head_dim) if t.qk_norm else None,
+            k_norm=w.vector(p + "attn_k_norm.weight", cfg.head_dim) if t.qk_norm else None,
+            post_attn_norm=w.vector(p + "post_attention_norm.weight", d) if t.sandwich_norm else None,
+            post_ffn_norm=w.vector(p + "post_ffw_norm.weight", d) if t.sandwich_norm else None,
+            sinks=w.optional_vector(p + "attn_sinks.weight", cfg.n_head),
+        )
+
+    @staticmethod
+    def _mlp(cfg: ModelConfig, w: Weights, p: str):
+        t = cfg.traits
+        d = cfg.n_embd
+        if w.has(p + "ffn_gate_inp.weight"):
+            E, ff = cfg.n_expert, cfg.n_ff_exp
+            if not E:
+                raise GGUFError(f"{w.g.path}: tensor {p}ffn_gate_inp.weight needs {cfg.arch}.expert_count")
+            gates = w.experts(p + "ffn_gate_exps", d, ff, E)
+            ups = w.experts(p + "ffn_up_exps", d, ff, E)
+            downs = w.experts(p + "ffn_down_exps", ff, d, E)
+            glu = GLUS[t.activation]
+            return MoE(w.linear(p + "ffn_gate_inp", d, E),
+                       [GatedMLP(g_, u_, dn, glu) for g_, u_, dn in zip(gates, ups, downs)],
+                       cfg.n_expert_used, t.moe_routing, cfg.expert_weights_norm)
+        ff = cfg.n_ff
+        down = w.linear(p + "ffn_down", ff, d)
+        if not t.gated_mlp:
+            return PlainMLP(w.linear(p + "ffn_up", d, ff), down, ACTIVATIONS[t.activation])
+        if w.has(p + "ffn_gate.weight"):
+            gate, up = w.linear(p + "ffn_gate", d, ff), w.linear(p + "ffn_up", d, ff)
+        else:                                          # Phi-3 gate_up_proj: gate rows first, then up
+            gate, up = w.linear(p + "ffn_up", d, 2 * ff).split([ff, ff])
+        return GatedMLP(gate, up, down, GLUS[t.activation])
+
+    @property
+    def max_positions(self) -> int | None:
+        """Learned position embeddings end somewhere; RoPE does not."""
+        return None if self.pos_embd is None else self.pos_embd.n_out
 
     def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens `ids` at positions pos0.. (their K/V go into the cache).
         Returns logits (T, n_vocab) if all_logits, else the last position's (n_vocab,)."""
         cfg = self.cfg
         eps = cfg.norm_eps
+        norm = self.norm
         T = len(ids)
         x = self.tok_embd.rows(np.asarray(ids, dtype=np.int64))
         if self.embed_scale is not None:
             x *= self.embed_scale
         positions = np.arange(pos0, pos0 + T)
+        if self.pos_embd is not None:
+            x += self.pos_embd.rows(positions)
         cos_sin = {}
         for il, L in enumerate(self.layers):
-            if L.rope not in cos_sin:
-                cos_sin[L.rope] = L.rope.cos_sin(positions)
-            cos, sin = cos_sin[L.rope]
-            h = self.norm(x, L.attn_norm, None, eps)
+            h = norm(x, L.attn_norm[0], L.attn_norm[1], eps)
             q, k, v = L.qkv(h)
             q = q.reshape(T, cfg.n_head, cfg.head_dim)
             k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
             v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
             if L.q_norm is not None:
-                q = self.norm(q, L.q_norm, None, eps)
-                k = self.norm(k, L.k_norm, None, eps)
-            L.rope.apply(q, cos, sin)
-            L.rope.apply(k, cos, sin)
+                q = norm(q, L.q_norm, None, eps)
+                k = norm(k, L.k_norm, None, eps)
+            if L.rope is not None:
+                if L.rope not in cos_sin:
+                    cos_sin[L.rope] = L.rope.cos_sin(positions)
+                cos, sin = cos_sin[L.rope]
+                L.rope.apply(q, cos, sin)
+                L.rope.apply(k, cos, sin)
             cache.store(il, pos0, k, v)
-            a = attention(q, cache.k[il], cache.v[il], pos0, L.window, cfg.attn_scale)
+            a = attention(q, cache.k[il], cache.v[il], pos0, L.window, cfg.attn_scale, L.sinks)
             o = L.wo(a.reshape(T, cfg.n_head * cfg.head_dim_v))
             if L.post_attn_norm is not None:
-                o = self.norm(o, L.post_attn_norm, None, eps)
+                o = norm(o, L.post_attn_norm, None, eps)
             x += o
-            h = self.norm(x, L.ffn_norm, None, eps)
-            g, u = L.gate_up(h)
-            f = self.act(g) * u
-            f = L.w_down(f)
+            f = L.mlp(norm(x, L.ffn_norm[0], L.ffn_norm[1], eps))
             if L.post_ffn_norm is not None:
-                f = self.norm(f, L.post_ffn_norm, None, eps)
+                f = norm(f, L.post_ffn_norm, None, eps)
             x += f
         if not all_logits:
             x = x[-1:]
-        x = self.norm(x, self.output_norm, None, eps)
+        x = norm(x, self.output_norm[0], self.output_norm[1], eps)
         logits = self.output(np.ascontiguousarray(x))
         return logits if all_logits else logits[0]

@@ -11,8 +11,8 @@ else in the code branches on the type.
 Decoding a piece follows gguf-py `quants.py` operation by operation, without fast-math flags, so a
 decoded block equals `gguf.quants.dequantize` bit for bit.
 
-Block layouts: ggml/src/ggml-common.h (block_q4_0 ... block_q6_K); the dequantize formulas
-(and the exact float32 operation order) mirror gguf-py/gguf/quants.py.
+Block layouts: ggml/src/ggml-common.h (block_q4_0 ... block_q6_K, block_mxfp4); the dequantize
+formulas (and the exact float32 operation order) mirror gguf-py/gguf/quants.py.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def _target_has_f16_convert() -> bool:
 
 _NATIVE_F16 = _target_has_f16_convert()
 _AVX2 = _target_has("+avx2")
+_SSSE3 = _target_has("+ssse3")
 
 
 def half_to_f32(b: ir.IRBuilder, h, native: bool | None = None):
@@ -265,6 +266,66 @@ def _emit_q5_1(b, p, n):
     yield Piece(_codes(b, q), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 16)
 
 
+# MXFP4 (OCP microscaling FP4).  Layout: ggml/src/ggml-common.h block_mxfp4 (u8 e; qs[16]; low
+# nibble = elem j, high = elem j+16); decoding: gguf-py gguf/quants.py class MXFP4: the E2M1 codes
+# are looked up in kvalues (the E2M1 values doubled, so integers) and multiplied by
+# e8m0_to_fp32_half(e) = 2^(e-128) (ggml_e8m0_to_fp32_half in ggml-impl.h).
+_MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+_MXFP4_MAGS = 0xC8643210  # kvalues[0..7], one per nibble (index code & 7)
+
+
+def _e8m0_half(b: ir.IRBuilder, p, off: int, n: int = 8):
+    """The E8M0 byte at `off` as float32 2^(e-128) in <n x float>, bit for bit gguf-py's
+    e8m0_to_fp32_half: e < 2 -> subnormal bits 0x00200000 << e, else (e - 1) << 23 (e = 255 is
+    2^127, not NaN)."""
+    k = lambda v: ir.Constant(_I32, v)  # noqa: E731
+    e = b.zext(_load(b, p, off, _I8), _I32)
+    sub = b.shl(k(0x00200000), b.and_(e, k(1)))  # & 1: no over-wide shift, even unselected
+    bits = b.select(b.icmp_unsigned("<", e, k(2)), sub, b.shl(b.sub(e, k(1)), k(23)))
+    return splat(b, b.bitcast(bits, _F32), n)
+
+
+def _e2m1_codes(b: ir.IRBuilder, v):
+    """<8 x i32> of 4-bit E2M1 codes (bits above 3 ignored) -> kvalues[code] (-12..12)."""
+    t = v.type
+    # the magnitude: a variable shift of the packed table is the lookup
+    mag = b.and_(b.lshr(_c(t, _MXFP4_MAGS), b.and_(b.shl(v, _c(t, 2)), _c(t, 28))), _c(t, 15))
+    # bit 3 (the sign) -> 0 / -1 by and + compare (any vector port; _opaque stops LLVM from
+    # turning it into two shifts, which compete with the lookup's shifts for the shift ports)
+    sign = _opaque(b, _c(t, 8))
+    neg = b.sext(b.icmp_unsigned("==", b.and_(v, sign), sign), t)
+    return b.sub(b.xor(mag, neg), neg)  # integer negation: code 8 is +0 as in gguf-py
+
+
+def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
+    """16 bytes of E2M1 code pairs at `off` -> kvalues of elements 0..31 (low nibbles, then high)
+    as 4 x <8 x i32>.  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
+    has no variable-index shuffle); elsewhere the portable arithmetic of `_e2m1_codes` (about 2x
+    the instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
+    if not (_SSSE3 if shuffle is None else shuffle):
+        a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
+        t = a.type
+        return [_e2m1_codes(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
+    t = _vec(_I8, 16)
+    name = "llvm.x86.ssse3.pshuf.b.128"
+    fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(t, [t, t]), name=name)
+    v = _load(b, p, off, t)
+    table = ir.Constant(t, list(_MXFP4_KVALUES))
+    out = []
+    for idx in (b.and_(v, _c(t, 0x0F)), b.lshr(v, _c(t, 4))):  # indexes 0..15 (bit 7 clear)
+        q = b.call(fn, [table, idx])
+        for h in range(2):
+            half = b.shuffle_vector(q, ir.Constant(t, ir.Undefined),
+                                    ir.Constant(_vec(_I32, 8), list(range(8 * h, 8 * h + 8))))
+            out.append(b.sext(half, _vec(_I32, 8)))
+    return out
+
+
+def _emit_mxfp4(b, p, n):
+    # block_mxfp4: u8 e (E8M0); qs[16] (low nibble = elem j, high = elem j+16).  w = d * kvalues[q]
+    yield Piece(_codes(b, _mxfp4_lanes(b, p, 1)), _e8m0_half(b, p, 0))
+
+
 def _emit_qk_45(b, p, with_qh: bool):
     # block_q4_K: f16 d, f16 dmin, scales[12], qs[128]
     # block_q5_K: f16 d, f16 dmin, scales[12], qh[32], qs[128]
@@ -357,6 +418,7 @@ def _table() -> dict[int, QuantFormat]:
         (12, "Q4_K", 256, 144, _emit_q4_k),
         (13, "Q5_K", 256, 176, _emit_q5_k),
         (14, "Q6_K", 256, 210, _emit_q6_k),
+        (39, "MXFP4", 32, 17, _emit_mxfp4),
     ]
     return {t: QuantFormat(t, name, bs, ts, fn) for t, name, bs, ts, fn in specs}
 
