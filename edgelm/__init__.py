@@ -29,12 +29,14 @@ __version__ = "0.1.0"
 __all__ = ["load", "Model", "EdgeLMError", "GGUFError", "UnsupportedError", "ContextError", "ModelNotFoundError"]
 
 
-def load(model: str | os.PathLike | None = None, n_ctx: int | None = None, threads: int | None = None) -> "Model":
+def load(model: str | os.PathLike | None = None, n_ctx: int | None = None, threads: int | None = None,
+         kv_type: str = "f16") -> "Model":
     """Open a GGUF model: a file path, or a catalog name ("smollm2-135m", "gemma3-270m") fetched on first use.
-    n_ctx: context size (default min(4096, training context)); threads: compute threads (default: all cores)."""
+    n_ctx: context size (default min(4096, training context)); threads: compute threads (default: all cores);
+    kv_type: "f16" (default) or "f32" KV cache."""
     from .catalog import resolve
     from .model import Model
-    return Model(str(resolve(model)), n_ctx=n_ctx, threads=threads)
+    return Model(str(resolve(model)), n_ctx=n_ctx, threads=threads, kv_type=kv_type)
 
 
 def __getattr__(name):

@@ -57,6 +57,29 @@ def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+class _TensorProgress:
+    """A per-tensor progress bar on stderr, opened at the first tensor (errors found before any tensor is
+    written print alone)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __enter__(self):
+        return self.step
+
+    def step(self, name: str, i: int, n: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=n, label=self.label, file=sys.stderr,
+                                         item_show_func=lambda item: item)
+            self.bar.__enter__()
+        self.bar.update(1, name)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
 def _load(model, ctx=None, threads=None):
     from .model import Model
     path = catalog.resolve(model, progress=_progress)
@@ -171,12 +194,29 @@ def quantize(src, dst, qtype):
     from .quantize import quantize_file
     if os.path.abspath(src) == os.path.abspath(dst):
         raise EdgeLMError(f"{dst}: the output must be a different file from the input")
-    with click.progressbar(length=1, label="quantizing", file=sys.stderr) as bar:
-        def step(name, i, n):
-            bar.length = n
-            bar.update(1)
+    with _TensorProgress("quantizing") as step:
         counts = quantize_file(src, dst, qtype, progress=step)
     click.echo(f"{dst}: {counts['quantized']} tensors quantized to {qtype.upper()}, {counts['copied']} copied", err=True)
+
+
+@cli.command()
+@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--outfile", required=True, type=click.Path(dir_okay=False), help="The GGUF to write.")
+@click.option("--outtype", default="f16", show_default=True,
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4_moe"],
+                                case_sensitive=False),
+              help="Type of the weight matrices (norms, biases and routers stay f32; mxfp4_moe: experts MXFP4, "
+                   "the rest q8_0).")
+def convert(hf_dir, outfile, outtype):
+    """Convert a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer) to a GGUF.
+
+    Supports GPT-2, Llama (incl. Llama 3, Mistral, SmolLM), Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 3 and
+    gpt-oss. Names and layouts follow llama.cpp's converter, so llama.cpp loads the result too. OUTFILE is
+    written under a temporary name and appears only when complete."""
+    from .convert import convert as convert_checkpoint
+    with _TensorProgress("converting") as step:
+        info = convert_checkpoint(hf_dir, outfile, outtype, progress=step)
+    click.echo(f"{outfile}: {info['arch']}, {info['tensors']} tensors, {outtype}", err=True)
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
+from .errors import EdgeLMError
 
 
 KV_TYPES = {"f16": np.uint16, "f32": np.float32}   # f16 kept as its bits (Numba has no CPU float16)
@@ -13,7 +14,7 @@ KV_TYPES = {"f16": np.uint16, "f32": np.float32}   # f16 kept as its bits (Numba
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, kv_type: str = "f16"):
         if kv_type not in KV_TYPES:
-            raise ValueError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+            raise EdgeLMError(f"KV cache type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self.n_ctx, self.kv_type = n_ctx, kv_type
         dtype = KV_TYPES[kv_type]
         # np.zeros maps untouched pages lazily: resident memory grows with the tokens actually stored.

@@ -23,7 +23,8 @@ N_BATCH = 512          # prompt tokens evaluated per forward pass (llama.cpp's d
 
 
 class Model:
-    def __init__(self, path: str, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path: str, n_ctx: int | None = None, threads: int | None = None, kv_type: str = "f16"):
+        """kv_type "f32" keeps the cache in float32 (exact comparisons with transformers; twice the memory)."""
         if threads is not None:
             set_threads(threads)
         self.path = path
@@ -38,7 +39,7 @@ class Model:
         if limit is not None and self.n_ctx > limit:
             raise ContextError(f"{path}: context size {self.n_ctx} is larger than the {limit} positions the model "
                                f"has learned embeddings for")
-        self.cache = KVCache(self.config, self.n_ctx)
+        self.cache = KVCache(self.config, self.n_ctx, kv_type)
         self.last_stats: GenerationStats | None = None
         from .warmup import ensure_compiled
         ensure_compiled(self)
