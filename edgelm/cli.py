@@ -168,18 +168,24 @@ def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--tensors/--no-tensors", default=True, show_default=True, help="Include the tensor table.")
-def info(models, as_json, tensors):
-    """Describe GGUF models: architecture, parameters, quant types, tensors, context, tokenizer."""
-    from .describe import describe, format_text
-    for i, model in enumerate(models):
-        path = catalog.resolve(model, pull_missing=False) if catalog.lookup(model) else model
-        d = describe(str(path), with_tensors=tensors)
+@click.option("--compare", is_flag=True,
+              help="Architecture cards side by side, one column per file (the default for several files).")
+def info(models, as_json, tensors, compare):
+    """Describe GGUF models: architecture, parameters, quant types, tensors, context, tokenizer.
+
+    With several files (or --compare): their architecture cards side by side (attention, positions, norms,
+    activation, MLP or MoE, sliding window, biases, tying, bits/weight, KV cache), derived from each file."""
+    from .describe import architecture_facts, column_header, describe, format_card, format_compare, format_text
+    paths = [str(catalog.resolve(m, pull_missing=False) if catalog.lookup(m) else m) for m in models]
+    if compare or len(paths) > 1:
+        facts = [architecture_facts(p) for p in paths]
         if as_json:
-            click.echo(json.dumps(d, indent=2))
+            click.echo(json.dumps([{**f, "card": format_card(f)} for f in facts], indent=2))
         else:
-            if i:
-                click.echo()
-            click.echo(format_text(d))
+            click.echo(format_compare([(column_header(p), format_card(f)) for p, f in zip(paths, facts)]))
+        return
+    d = describe(paths[0], with_tensors=tensors)
+    click.echo(json.dumps(d, indent=2) if as_json else format_text(d))
 
 
 @cli.command()

@@ -1,17 +1,27 @@
-"""`edgelm info`: what a GGUF holds, read from its header alone (no weights are touched)."""
+"""`edgelm info`: what a GGUF holds, read from its header (metadata and tensor inventory).
+
+Besides the summary, the *architecture card*: the rows of the hand-drawn "GPT-2 vs Llama vs Qwen3" comparison
+table (attention kind, positions, norms, activation, MLP / MoE, sliding window, sinks, biases, tying, KV-cache
+size), derived from the file the way the decoder (arch/decoder.py) will run it: what the metadata says, what
+ArchTraits hard-codes per family, and which tensors are present. Weights are not read, except the tiny
+rope_freqs vector (its largest factor is the Llama-3 scaling factor) and, when output.weight and
+token_embd.weight have the same type and shape, their bytes (to tell a stored copy of a tied matrix).
+"""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import numpy as np
 
 from .config import ModelConfig
+from .errors import EdgeLMError, GGUFError
 from .gguf_file import GGUFFile
-from .quant.formats import format_for
+from .quant.formats import dequantize, format_for
 
 
-def describe(path: str, with_tensors: bool = True) -> dict:
+def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> dict:
     g = GGUFFile(path)
     cfg = ModelConfig.from_gguf(g)
     n_params = g.n_params
@@ -53,6 +63,8 @@ def describe(path: str, with_tensors: bool = True) -> dict:
             "chat_template": meta.get("tokenizer.chat_template") is not None,
         },
     }
+    if with_card:
+        d["card"] = format_card(architecture_facts(g, cfg))
     if with_tensors:
         d["tensors"] = [{"name": t.name, "type": format_for(t.ggml_type).name, "shape": list(t.shape),
                          "bytes": t.n_bytes} for t in g.tensors.values()]
@@ -78,6 +90,10 @@ def format_text(d: dict) -> str:
         f"  tokenizer      {tok['model']} (pre: {tok['pre']}), {tok['vocab_size']} tokens, "
         f"bos {tok['bos_token_id']}, eos {tok['eos_token_id']}, chat template: {'yes' if tok['chat_template'] else 'no'}",
     ]
+    if "card" in d:
+        lines.append("  card")
+        w = max(len(k) for k in d["card"])
+        lines += [f"    {k:<{w}}  {v}" for k, v in d["card"].items()]
     if "tensors" in d:
         lines.append("  tensors")
         w = max(len(t["name"]) for t in d["tensors"])
@@ -85,3 +101,311 @@ def format_text(d: dict) -> str:
             shape = "×".join(str(s) for s in t["shape"])
             lines.append(f"    {t['name']:<{w}}  {t['type']:<5} {shape:>14}  {t['bytes']:>11,} B")
     return "\n".join(lines)
+
+
+# -- the architecture card --------------------------------------------------------------------------
+
+_ACTIVATIONS = {  # (traits.activation, gated) -> name
+    ("silu", True): "SwiGLU", ("gelu_tanh", True): "GeGLU", ("swiglu_oai", True): "clamped SwiGLU (gpt-oss)",
+    ("silu", False): "SiLU", ("gelu_tanh", False): "GELU",
+}
+_ROUTING = {"softmax_topk": "softmax → top-k", "topk_softmax": "top-k → softmax"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def _blocks(g: GGUFFile) -> dict[str, set[int]]:
+    """Per-layer tensor name (e.g. 'attn_q.bias') -> the layers that hold it."""
+    out: dict[str, set[int]] = {}
+    for name in g.tensors:
+        m = _BLOCK.fullmatch(name)
+        if m:
+            out.setdefault(m.group(2), set()).add(int(m.group(1)))
+    return out
+
+
+def _n(t) -> int:
+    return int(np.prod(t.shape, dtype=np.int64))
+
+
+def _stored_copy(g: GGUFFile) -> bool:
+    """output.weight holds the same bytes as token_embd.weight (a tied matrix written twice, as llama.cpp's
+    converter does for GPT-2). The first row decides for all but identical matrices."""
+    out, emb = g.tensors.get("output.weight"), g.tensors.get("token_embd.weight")
+    if out is None or emb is None or out.ggml_type != emb.ggml_type or tuple(out.shape) != tuple(emb.shape):
+        return False
+    a, b = g.tensor("output.weight"), g.tensor("token_embd.weight")
+    return bool(np.array_equal(a[:1], b[:1]) and np.array_equal(a, b))
+
+
+def _rope_freqs_factor(g: GGUFFile) -> float | None:
+    """The largest Llama-3 frequency divisor in rope_freqs.weight (= rope_scaling.factor), or None."""
+    t = g.tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    n = _n(t)
+    raw = g.tensor(t.name)
+    v = raw.view(np.float32).reshape(n) if t.ggml_type == 0 else dequantize(raw, t.ggml_type, n).reshape(n)
+    return float(v.max())
+
+
+def architecture_facts(model: str | os.PathLike | GGUFFile, cfg: ModelConfig | None = None) -> dict:
+    """The architecture card as values (JSON-serialisable): see format_card for the rows."""
+    g = model if isinstance(model, GGUFFile) else GGUFFile(model)
+    try:
+        cfg = cfg or ModelConfig.from_gguf(g)
+        return _facts(g, cfg)
+    except EdgeLMError as e:
+        raise e if g.path in str(e) else type(e)(f"{g.path}: {e}") from None
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise GGUFError(f"{g.path}: cannot derive the architecture card ({type(e).__name__}: {e})") from None
+
+
+def _facts(g: GGUFFile, cfg: ModelConfig) -> dict:
+    t = cfg.traits
+    blk = _blocks(g)
+    L = cfg.n_layer
+
+    def has(name: str) -> bool:       # in any layer
+        return bool(blk.get(name))
+
+    # parameters: what the file stores, less a byte-identical copy of a tied embedding matrix
+    copy = _stored_copy(g)
+    total = g.n_params - (_n(g.tensors["output.weight"]) if copy else 0)
+    expert_params = sum(_n(ti) for name, ti in g.tensors.items() if "_exps." in name)
+    moe_layers = len(blk.get("ffn_gate_inp.weight", ()))
+    E, k = cfg.n_expert, cfg.n_expert_used
+    active = total - (expert_params * (E - k) // E if moe_layers and E else 0)
+
+    # attention
+    h, hkv = cfg.n_head, cfg.n_head_kv
+    kind = "MHA" if hkv == h else "MQA" if hkv == 1 else "GQA"
+
+    # positions
+    learned = t.positions == "learned" or "position_embd.weight" in g.tensors
+    freqs_factor = None if learned else _rope_freqs_factor(g)
+    if learned:
+        scaling, factor = "none", 1.0
+    elif freqs_factor is not None:
+        scaling, factor = "llama3", freqs_factor
+    else:
+        scaling, factor = cfg.rope_scaling, cfg.rope_factor
+    swa_layers = [il for il in range(L) if cfg.is_swa_layer(il)]
+    local_base = cfg.rope_base_swa if swa_layers and not learned and cfg.rope_base_swa != cfg.rope_base else None
+
+    # norms, activation, MLP
+    sandwich = t.sandwich_norm or has("post_ffw_norm.weight")
+    qk_norm = t.qk_norm or has("attn_q_norm.weight")
+    gated = t.gated_mlp
+
+    # biases, by where they sit
+    biases = []
+    for label, stems in (("qkv", ("attn_q", "attn_k", "attn_v", "attn_qkv")), ("attn out", ("attn_output",)),
+                         ("mlp", ("ffn_gate", "ffn_up", "ffn_down", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")),
+                         ("router", ("ffn_gate_inp",)),
+                         ("norms", ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"))):
+        if any(has(s + ".bias") for s in stems):
+            biases.append(label)
+    if "output.bias" in g.tensors:
+        biases.append("lm head")
+
+    # weights
+    params_by_type: Counter = Counter()
+    tensor_bytes = 0
+    for ti in g.tensors.values():
+        params_by_type[format_for(ti.ggml_type).name] += _n(ti)
+        tensor_bytes += ti.n_bytes
+    dominant, dominant_params = params_by_type.most_common(1)[0] if params_by_type else ("-", 0)
+
+    kv_token = cfg.kv_bytes_per_token
+    kv_layer_token = kv_token // max(L, 1)
+    n_ctx = cfg.n_ctx_train
+    windowed = None
+    if swa_layers:
+        w = min(cfg.sliding_window, n_ctx)
+        windowed = kv_layer_token * ((L - len(swa_layers)) * n_ctx + len(swa_layers) * w)
+
+    return {
+        "file": os.path.abspath(g.path),
+        "name": g.metadata.get("general.name"),
+        "architecture": cfg.arch,
+        "parameters": total,
+        "parameters_active": active,
+        "output_is_stored_copy": copy,
+        "layers": L,
+        "embedding": cfg.n_embd,
+        "vocab": cfg.n_vocab,
+        "attention": kind,
+        "group_size": h // hkv,
+        "heads": h,
+        "kv_heads": hkv,
+        "head_dim": cfg.head_dim,
+        "head_dim_v": cfg.head_dim_v,
+        "fused_qkv": has("attn_qkv.weight"),
+        "positions": "learned" if learned else "rope",
+        "max_positions": g.tensors["position_embd.weight"].shape[1]
+        if "position_embd.weight" in g.tensors else None,
+        "rope_base": None if learned else cfg.rope_base,
+        "rope_dim": None if learned else cfg.rope_dim,
+        "rope_scaling": scaling,
+        "rope_factor": factor,
+        "rope_orig_ctx": cfg.rope_orig_ctx if scaling == "yarn" else None,
+        "rope_base_local": local_base,
+        "norm": "LayerNorm" if t.norm == "layer" else "RMSNorm",
+        "norm_placement": "sandwich" if sandwich else "pre",
+        "qk_norm": qk_norm,
+        "activation": _ACTIVATIONS.get((t.activation, gated), t.activation),
+        "gated": gated,
+        "fused_gate_up": gated and has("ffn_up.weight") and not has("ffn_gate.weight") and not moe_layers,
+        "mlp": "moe" if moe_layers else "dense",
+        "ffn": cfg.n_ff if moe_layers < L else None,
+        "experts": E if moe_layers else 0,
+        "experts_used": k if moe_layers else 0,
+        "expert_ffn": cfg.n_ff_exp if moe_layers else None,
+        "moe_layers": moe_layers,
+        "routing": t.moe_routing if moe_layers else None,
+        "routing_renormalised": cfg.expert_weights_norm if moe_layers and t.moe_routing == "softmax_topk" else None,
+        "sliding_window": cfg.sliding_window if swa_layers else 0,
+        "sliding_layers": len(swa_layers),
+        "swa_pattern": t.swa_pattern if swa_layers else None,
+        "attn_sinks": has("attn_sinks.weight"),
+        "biases": biases,
+        "tied_embeddings": "output.weight" not in g.tensors or copy,
+        "context_length": n_ctx,
+        "bits_per_weight": 8 * tensor_bytes / max(g.n_params, 1),
+        "dominant_type": dominant,
+        "dominant_share": dominant_params / max(g.n_params, 1),
+        "kv_bytes_per_token": kv_token,
+        "kv_bytes_full_context": kv_token * n_ctx,
+        "kv_bytes_windowed": windowed,
+    }
+
+
+def _count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)
+
+
+def _bytes(n: float) -> str:
+    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def format_card(f: dict) -> dict[str, str]:
+    """The card's rows as text, in table order."""
+    L = f["layers"]
+    if f["mlp"] == "moe":
+        share = f["parameters_active"] / max(f["parameters"], 1)
+        active = f"{_count(f['parameters_active'])} ({share:.0%})"
+    else:
+        active = f"{_count(f['parameters_active'])} (all)"
+
+    attention = f["attention"] + (f" (group size {f['group_size']})" if f["attention"] == "GQA" else "")
+    heads = f"{f['heads']} / {f['kv_heads']} / {f['head_dim']}"
+    if f["head_dim_v"] != f["head_dim"]:
+        heads += f" (v {f['head_dim_v']})"
+
+    if f["positions"] == "learned":
+        pos = "learned absolute" + (f" ({f['max_positions']})" if f["max_positions"] else "")
+    else:
+        pos = f"RoPE base {_num(f['rope_base'])}"
+        if f["rope_dim"] and f["rope_dim"] < f["head_dim"]:
+            pos += f" on {f['rope_dim']}/{f['head_dim']} dims"
+        if f["rope_scaling"] == "llama3":
+            pos += f", llama3 ×{_num(f['rope_factor'])} (rope_freqs)"
+        elif f["rope_scaling"] == "yarn":
+            pos += f", YaRN ×{_num(f['rope_factor'])}" + (f" from {f['rope_orig_ctx']}" if f["rope_orig_ctx"] else "")
+        elif f["rope_scaling"] == "linear":
+            pos += f", linear ×{_num(f['rope_factor'])}"
+        if f["rope_base_local"] is not None:
+            pos += f"; local {_num(f['rope_base_local'])}"
+
+    norm = f"{f['norm']}, " + ("sandwich (pre + post)" if f["norm_placement"] == "sandwich" else "pre")
+    if f["qk_norm"]:
+        norm += ", QK-norm"
+
+    act = f"{f['activation']}, {'gated' if f['gated'] else 'not gated'}"
+
+    if f["mlp"] == "moe":
+        mlp = (f"MoE: {f['experts']} experts, {f['experts_used']} active, width {f['expert_ffn']}, "
+               f"{_ROUTING.get(f['routing'], f['routing'])}")
+        if f["routing_renormalised"]:
+            mlp += ", renormalised"
+        if f["moe_layers"] < L:
+            mlp += f"; on {f['moe_layers']} of {L} layers, dense width {f['ffn']} elsewhere"
+    else:
+        mlp = f"dense, width {f['ffn']}"
+
+    W, n = f["sliding_window"], f["sliding_layers"]
+    if not W:
+        swa = "none"
+    elif n == L:
+        swa = f"{W} on all {L} layers"
+    else:
+        p = f["swa_pattern"]
+        swa = f"{W} on {n} of {L} layers" + (f" ({p - 1} local : 1 global)" if p and p > 1 else "")
+
+    tied = "yes" if f["tied_embeddings"] else "no"
+    if f["output_is_stored_copy"]:
+        tied += " (output.weight is a stored copy)"
+
+    kv_full = f"{_bytes(f['kv_bytes_full_context'])} at {f['context_length']}"
+    if f["kv_bytes_windowed"] is not None:
+        kv_full += f" (windowed: {_bytes(f['kv_bytes_windowed'])})"
+
+    return {
+        "name": f["name"] or "—",
+        "architecture": f["architecture"],
+        "parameters": _count(f["parameters"]),
+        "active per token": active,
+        "layers": str(L),
+        "embedding width": str(f["embedding"]),
+        "vocabulary": str(f["vocab"]),
+        "attention": attention,
+        "heads / KV / head dim": heads,
+        "positions": pos,
+        "norm": norm,
+        "activation": act,
+        "MLP": mlp,
+        "sliding window": swa,
+        "attention sinks": "yes" if f["attn_sinks"] else "no",
+        "biases": ", ".join(f["biases"]) or "none",
+        "tied embeddings": tied,
+        "context length": str(f["context_length"]),
+        "weights": f"{f['bits_per_weight']:.2f} bits/weight, mostly {f['dominant_type']} ({f['dominant_share']:.0%})",
+        "KV cache / token": f"{_bytes(f['kv_bytes_per_token'])} (f16)",
+        "KV cache, full ctx": kv_full,
+    }
+
+
+def architecture_card(path: str | os.PathLike) -> dict[str, str]:
+    """The architecture card of a GGUF file: row label -> text (see format_card)."""
+    return format_card(architecture_facts(path))
+
+
+def column_header(path: str | os.PathLike) -> str:
+    base = os.path.basename(os.fspath(path))
+    return base[:-5] if base.lower().endswith(".gguf") else base
+
+
+def format_compare(columns: list[tuple[str, dict[str, str]]]) -> str:
+    """Cards side by side: one row per fact, one column per (header, card), padded to align."""
+    labels: list[str] = []
+    for _, card in columns:
+        labels += [k for k in card if k not in labels]
+    rows = [[""] + [h for h, _ in columns]]
+    rows += [[k] + [card.get(k, "—") for _, card in columns] for k in labels]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(cells):
+        return "   ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "   ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule] + [line(r) for r in rows[1:]])
