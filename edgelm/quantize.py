@@ -38,12 +38,12 @@ def bits_per_weight(ggml_type: int) -> float:
 
 # Never quantized, as in llama.cpp's quantizer (src/llama-quant.cpp: norms, the MoE router, position
 # embeddings, RoPE factors, attention sinks are kept as they are).
-_KEEP_SUFFIXES = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight",
+KEEP_UNQUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight",
                   "attn_sinks.weight")
 
 
 def _is_matrix(info) -> bool:
-    return len(info.shape) >= 2 and info.name.endswith(".weight") and not info.name.endswith(_KEEP_SUFFIXES)
+    return len(info.shape) >= 2 and info.name.endswith(".weight") and not info.name.endswith(KEEP_UNQUANTIZED)
 
 
 def quantize_file(src: str, dst: str, target: str,

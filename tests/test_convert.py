@@ -220,3 +220,17 @@ def test_cli_convert_and_errors(tmp_path):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and "nowhere" in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "qwen3_moe", "gpt2"])
+def test_quantize_of_converted_file_equals_converting_quantized(converted, name, tmp_path):
+    """`edgelm quantize` on the f32 file gives the same tensor bytes as converting straight to q8_0 (both are
+    gguf.quants on the same floats), 3-D expert tensors included; routers, sinks and positions stay f32."""
+    from edgelm.quantize import quantize_file
+    out = tmp_path / "q.gguf"
+    quantize_file(str(converted(name, "f32")), str(out), "q8_0")
+    a, b = GGUFFile(str(out)), GGUFFile(str(converted(name, "q8_0")))
+    assert set(a.tensors) == set(b.tensors)
+    for t in a.tensors.values():
+        assert t.ggml_type == b.tensors[t.name].ggml_type, t.name
+        assert a.tensor(t.name).tobytes() == b.tensor(t.name).tobytes(), t.name

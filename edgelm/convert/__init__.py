@@ -22,6 +22,7 @@ from gguf.quants import quantize as reference_quantize
 
 from ..arch.traits import ARCH_TRAITS
 from ..errors import EdgeLMError, UnsupportedError
+from ..quantize import KEEP_UNQUANTIZED, TARGETS as QUANT_TARGETS
 from .archs import SPECS, ConvertSpec, Source, sources
 from .safetensors import Checkpoint
 
@@ -30,21 +31,16 @@ OUTTYPES = {
     "f32": (Q.F32, LlamaFileType.ALL_F32),
     "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-    "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
-    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
-    "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    **QUANT_TARGETS,
     # llama-quantize's MXFP4_MOE: expert matrices in MXFP4 (how gpt-oss ships), everything else Q8_0
     "mxfp4_moe": (Q.Q8_0, LlamaFileType.MOSTLY_MXFP4_MOE),
 }
 _F32_VT = GGUFValueType.FLOAT32
 _QUANT_VERSION = 2   # ggml GGML_QNT_VERSION, written by llama.cpp for quantized files
 
-# Kept in float32 whatever the outtype (llama.cpp convert_hf_to_gguf.py prepare_tensors: 1-D tensors, norms,
-# the MoE router, position embeddings, RoPE factors).
-_F32_SUFFIXES = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight",
-                 "attn_sinks.weight", ".bias")
+# Kept in float32 whatever the outtype (llama.cpp convert_hf_to_gguf.py prepare_tensors): 1-D tensors and
+# biases, plus what llama.cpp never quantizes.
+_F32_SUFFIXES = KEEP_UNQUANTIZED + (".bias",)
 
 
 @dataclass
