@@ -332,7 +332,10 @@ CHECKPOINTS = {
              ("spm", "llama"), None, "bfloat16"),
     "gemma3": ("Gemma3TextConfig",
                {**COMMON, "intermediate_size": 96, "num_hidden_layers": 6, "head_dim": 32, "sliding_window": 8,
-                "query_pre_attn_scalar": 32, "tie_word_embeddings": True},
+                "query_pre_attn_scalar": 32, "tie_word_embeddings": True,
+                # as Gemma 3 4B and larger: linear RoPE scaling on the global layers only
+                "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
                ("spm", "gemma"), GEMMA_TEMPLATE, "bfloat16"),
     "gpt_oss": ("GptOssConfig",
                 {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -219,9 +219,10 @@ class Decoder:
         factors = w.optional_vector("rope_freqs.weight", cfg.rope_dim // 2)   # Llama-3 scaling, made at conversion
         out = {}
         for swa, base in ((False, cfg.rope_base), (True, cfg.rope_base_swa)):
+            scaled = not swa or cfg.traits.scale_swa_rope     # Gemma 3: local layers use plain RoPE
             inv_freq, attn_factor = rope_frequencies(
-                base, cfg.rope_dim, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, cfg.yarn_beta_fast,
-                cfg.yarn_beta_slow, cfg.traits.yarn_truncate, factors)
+                base, cfg.rope_dim, cfg.rope_scaling if scaled else "none", cfg.rope_factor, cfg.rope_orig_ctx,
+                cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.traits.yarn_truncate, factors if scaled else None)
             out[swa] = Rope(inv_freq, cfg.traits.rope_style, attn_factor)
         return out
 

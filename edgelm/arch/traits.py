@@ -34,6 +34,7 @@ class ArchTraits:
                                        # "topk_softmax": top-k logits, then softmax over those (gpt-oss)
     expert_weights_norm: bool = False  # renormalise the top-k probabilities (unless the GGUF key says otherwise)
     yarn_truncate: bool = True        # YaRN correction range rounded to whole dims (transformers `truncate`)
+    scale_swa_rope: bool = True       # RoPE scaling applies to sliding-window layers too (Gemma 3: global only)
 
 
 ARCH_TRAITS: dict[str, ArchTraits] = {t.name: t for t in [
@@ -55,7 +56,7 @@ ARCH_TRAITS: dict[str, ArchTraits] = {t.name: t for t in [
     # Gemma3TextScaledWordEmbedding * hidden_size**0.5, q_norm/k_norm, four norms per layer).
     # The GGUF stores Gemma's norm weights already as (1 + w) (llama.cpp convert_hf_to_gguf.py Gemma3Model).
     ArchTraits("gemma3", activation="gelu_tanh", rope_style="neox", qk_norm=True, sandwich_norm=True,
-               embed_scale_sqrt_dim=True, swa_pattern=6, rope_base_swa=10000.0),
+               embed_scale_sqrt_dim=True, swa_pattern=6, rope_base_swa=10000.0, scale_swa_rope=False),
     # gpt-oss: even layers slide (llama.cpp set_swa_pattern(2); transformers layer_types), router top-k
     # then softmax, clamped SwiGLU with alpha 1.702 (modeling_gpt_oss.py GptOssExperts), attention sinks,
     # YaRN with truncate=False (its config.json rope_scaling).

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import EdgeLMError, UnsupportedError
+
 
 @dataclass(frozen=True)
 class ConvertSpec:
@@ -64,6 +66,9 @@ def sources(spec: ConvertSpec, ckpt, hp) -> list[Source]:
     experts: dict[tuple[str, str], dict[int, str]] = {}
     expert_re = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
     for name in names:
+        if name.endswith(("_blocks", "_scales")):
+            raise UnsupportedError(f"{ckpt.entries[name].file}: tensor {name} is MXFP4-packed; converting "
+                                   f"pre-quantized MXFP4 checkpoints is not supported yet (use a bf16 one)")
         m = expert_re.match(name) if spec.stacked_experts else None
         if m:
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = name
@@ -75,7 +80,6 @@ def sources(spec: ConvertSpec, ckpt, hp) -> list[Source]:
     for (stem, proj), by_id in sorted(experts.items()):
         ids = sorted(by_id)
         if ids != list(range(hp.n_expert)):
-            from ..errors import EdgeLMError
             raise EdgeLMError(f"{ckpt.dir}: {stem}.*.{proj} has experts {ids[:3]}..., expected 0..{hp.n_expert - 1}")
         members = [by_id[i] for i in ids]
         shape = (len(ids),) + ckpt.shape(members[0])
