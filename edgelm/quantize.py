@@ -7,8 +7,6 @@ renamed at the end, so a failure leaves nothing behind.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -16,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import quantize as reference_quantize
 
+from .atomic import atomic_output
 from .config import ModelConfig
 from .errors import EdgeLMError, UnsupportedError
 from .gguf_file import GGUFFile
@@ -66,10 +65,7 @@ def quantize_file(src: str, dst: str, target: str,
                 f"({bits_per_weight(info.ggml_type):.2f} bits/weight), lower precision than {qtype.name} "
                 f"({tbits:.2f}): quantize from an F32/F16/BF16 or higher-precision file")
         plan.append((info, quantize))
-    out_dir = os.path.dirname(os.path.abspath(dst)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_output(dst) as tmp:
         w = GGUFWriter(tmp, arch=g.architecture)
         for k, v in g.metadata.items():
             if k in ("general.architecture", "general.alignment") or k.startswith("GGUF."):
@@ -102,9 +98,4 @@ def quantize_file(src: str, dst: str, target: str,
             if progress:
                 progress(info.name, i + 1, len(plan))
         w.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return {"quantized": sum(q for _, q in plan), "copied": sum(not q for _, q in plan)}

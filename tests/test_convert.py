@@ -7,6 +7,7 @@ test converts the checkpoint with edgelm's converter and compares edgelm's logit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -214,6 +215,9 @@ def test_cli_convert_and_errors(tmp_path):
     r = run_cli("convert", str(TINY / "qwen2"), "-o", str(out), "--outtype", "q8_0")
     assert r.returncode == 0, r.stderr
     assert "qwen2" in r.stderr and out.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask     # as any new file, not mkstemp's 0600
     r = run_cli("generate", "-m", str(out), "-n", "4", "--temp", "0", "hello")
     assert r.returncode == 0, r.stderr
     r = run_cli("convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "y.gguf"))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ from gguf import MODEL_ARCH_NAMES, GGUFValueType, GGUFWriter, LlamaFileType, Rop
 from gguf.quants import quantize as reference_quantize
 
 from ..arch.traits import ARCH_TRAITS
+from ..atomic import atomic_output
 from ..errors import EdgeLMError, UnsupportedError
 from ..quantize import KEEP_UNQUANTIZED, TARGETS as QUANT_TARGETS
 from .archs import SPECS, ConvertSpec, Source, sources
@@ -241,10 +240,7 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
     ckpt = Checkpoint(d)
     tmap = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == spec.arch), hp.n_layer)
 
-    out_dir = os.path.dirname(os.path.abspath(out)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         w = GGUFWriter(tmp, arch=spec.arch)
         extra = _metadata(w, spec, hp, d.resolve().name, OUTTYPES[outtype][1])
         from .vocab import add_vocab
@@ -283,9 +279,4 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
             if progress:
                 progress(name, i + 1, len(plan))
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return {"tensors": len(plan), "arch": spec.arch}
