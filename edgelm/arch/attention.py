@@ -22,8 +22,11 @@ def _f16(typingctx, h):
 
 
 def _kv_f32(x):
-    """A cache element as float32: f16 bits (uint16) are converted, float32 passes through."""
-    raise NotImplementedError   # only called from compiled code
+    """A cache element as float32: f16 bits (uint16) are converted, float32 passes through.
+    (This body serves plain Python; compiled kernels use the overload below.)"""
+    if isinstance(x, np.uint16):
+        return np.float32(np.array(x, np.uint16).view(np.float16))
+    return np.float32(x)
 
 
 @overload(_kv_f32)

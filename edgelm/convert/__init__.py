@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import MODEL_ARCH_NAMES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType, get_tensor_name_map
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType, get_tensor_name_map
 from gguf.quants import quantize as reference_quantize
 
 from ..arch.traits import ARCH_TRAITS
@@ -217,7 +217,6 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> Q:
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
-    from gguf import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[qtype]
     return shape[:-1] + (shape[-1] // block * size,)
 
@@ -250,11 +249,10 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
             name = src.hf_name if src.hf_name == "rope_freqs.weight" else \
                 tmap.get_name(src.hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise UnsupportedError(f"{ckpt.entries.get(src.hf_name, ckpt.dir)}: tensor {src.hf_name} has no "
+                raise UnsupportedError(f"{getattr(ckpt.entries.get(src.hf_name), 'file', ckpt.dir)}: tensor {src.hf_name} has no "
                                        f"GGUF name for {spec.arch}")
             plan.append((name, src))
-            if spec.duplicate_output and name == "token_embd.weight" and not any(
-                    n == "lm_head.weight" for n in ckpt.names()):
+            if spec.duplicate_output and name == "token_embd.weight" and "lm_head.weight" not in ckpt:
                 plan.append(("output.weight", src))
         seen = set()
         for name, src in plan:
@@ -262,8 +260,8 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
                 raise EdgeLMError(f"{d}: two checkpoint tensors map to {name}")
             seen.add(name)
             qtype = _tensor_type(name, src.shape, outtype)
-            w.add_tensor_info(name, _byte_shape(src.shape, qtype), np.dtype(np.uint8),
-                              int(np.prod(_byte_shape(src.shape, qtype))), raw_dtype=qtype)
+            byte_shape = _byte_shape(src.shape, qtype)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         if outtype not in ("f32", "f16", "bf16"):
             w.add_quantization_version(_QUANT_VERSION)
         w.write_header_to_file()

@@ -61,27 +61,19 @@ def add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, n_vocab: int, arch: str) ->
     UNUSED, as llama.cpp does. arch is the GGUF architecture name (general.architecture), for the few
     per-architecture choices llama.cpp makes. Raises EdgeLMError / UnsupportedError naming the file.
     """
-    meta = vocab_metadata(hf_dir, n_vocab, arch)
-    for key, value in meta.items():
-        if key == K.MODEL:
-            writer.add_tokenizer_model(value)
-        elif key == K.PRE:
-            writer.add_tokenizer_pre(value)
-        elif key == K.LIST:
-            writer.add_token_list(value)
-        elif key == K.TOKEN_TYPE:
-            writer.add_token_types(value)
-        elif key == K.SCORES:
-            writer.add_token_scores(value)
-        elif key == K.MERGES:
-            writer.add_token_merges(value)
-        elif key == K.CHAT_TEMPLATE:
-            writer.add_chat_template(value)  # a string, or a list of {"name", "template"}
+    # keys with their own GGUFWriter method (which knows the value type); the rest are ids and flags
+    typed = {K.MODEL: writer.add_tokenizer_model, K.PRE: writer.add_tokenizer_pre, K.LIST: writer.add_token_list,
+             K.TOKEN_TYPE: writer.add_token_types, K.SCORES: writer.add_token_scores,
+             K.MERGES: writer.add_token_merges,
+             K.CHAT_TEMPLATE: writer.add_chat_template}   # a string, or a list of {"name", "template"}
+    for key, value in vocab_metadata(hf_dir, n_vocab, arch).items():
+        if key in typed:
+            typed[key](value)
         elif isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value)  # the ..._token_id keys (GGUFWriter.add_bos_token_id etc.)
-        else:  # pragma: no cover - vocab_metadata only produces the types above
+        else:  # vocab_metadata only produces the types above
             raise TypeError(f"unexpected metadata value for {key}: {value!r}")
 
 
