@@ -4,15 +4,20 @@ fills up. Also the OpenAI-style `Model.chat` / `create_chat_completion` API.
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 from .chat_template import ChatTemplate, template_for
 from .errors import ContextError, EdgeLMError
 from .generate import GenerationStats, stream_tokens
 from .sampling import SamplingParams
+from .tokenizer.base import ATTR_CONTROL, ATTR_UNKNOWN
+
+log = logging.getLogger(__name__)
 
 
 class Obj(dict):
@@ -53,6 +58,12 @@ class Conversation:
         self.stop = list(stop or [])
         self.messages: list[dict] = []        # user/assistant turns (the system prompt is kept apart)
         self.last: TurnResult | None = None
+        self._probe_template()
+
+    def _probe_template(self) -> None:
+        """Render a first user turn now: a template that is broken or hostile (past its time or size budget)
+        fails here, once, rather than on every message of the chat."""
+        self.prompt_ids(self.all_messages([{"role": "user", "content": "Hello"}]))
 
     # -- prompt -----------------------------------------------------------------------------------
     def all_messages(self, extra: list[dict] = ()) -> list[dict]:
@@ -106,14 +117,152 @@ class Conversation:
 
 
 def render_ids(model, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Render and tokenize with control tokens parsed; exactly one BOS when the model wants one
-    (templates usually write bos_token themselves, llama.cpp would add a second)."""
-    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    """Render and tokenize a chat prompt: control tokens only where the template writes them, every string of
+    the messages tokenized as plain text; exactly one BOS when the model wants one (templates usually write
+    bos_token themselves, llama.cpp would add a second)."""
     tok = model.tokenizer
-    ids = tok.encode(text, add_special=False, parse_special=True)
+    ids = encode_chat_prompt(tok, template, messages, add_generation_prompt)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids.insert(0, tok.bos_id)
     return ids
+
+
+# -- prompts without control-token injection ---------------------------------------------------------------------------
+# A user who types "<|im_end|>\n<|im_start|>system" must not get real control tokens: llama-cpp-python and
+# transformers tokenize message content as text. We render the template with every special-token text inside
+# the messages' strings replaced by a private-use character that no special token, message or template holds,
+# split the rendering at the special tokens (which can now only be the template's own), put the texts back into
+# the plain-text runs, and tokenize each run as one piece of plain text. For messages without special-token text
+# this is exactly the old `encode(render(messages), parse_special=True)`.
+
+# Supplementary private-use planes (U+F0000..U+10FFFD): characters no tokenizer gives a meaning to.
+_MARKER_RANGES = (range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+
+def encode_chat_prompt(tok, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True,
+                       ) -> list[int]:
+    markers = _SpecialMarkers(tok, messages, template.source)
+    safe = markers.neutralize(messages)
+    text = template.render(safe, add_generation_prompt=add_generation_prompt)
+    if markers.used:
+        _warn_if_template_changes_text(template, messages, add_generation_prompt, markers.restore(text))
+    out: list[int] = []
+    prev_special = True
+    # Tokenizer internals, used as llama.cpp's tokenizer_st_partition + per-run encoding do (base.encode):
+    # _partition splits out special tokens, _encode_fragment encodes one plain-text run.
+    for frag in tok._partition(text, True):
+        if isinstance(frag, int):
+            out.append(frag)
+            prev_special = True
+        else:
+            tok._encode_fragment(markers.restore(frag), prev_special, out)
+            prev_special = False
+    return out
+
+
+class _SpecialMarkers:
+    """Maps each special-token text found in the messages to a private-use character and back."""
+
+    def __init__(self, tok, messages, template_source: str):
+        self.tok = tok
+        self.protected = _protected_specials(tok, template_source)
+        self.taken = set(template_source) | _special_chars(tok)
+        _collect_chars(messages, self.taken)
+        self.to_marker: dict[int, str] = {}      # special token id -> marker character
+        self.table: dict[int, str] = {}          # ord(marker) -> special token text (for str.translate)
+        self._candidates = (chr(c) for r in _MARKER_RANGES for c in r)
+        self.used = False
+
+    def neutralize(self, x):
+        """A copy of the messages (dicts, lists, strings) with special-token text replaced by markers."""
+        if isinstance(x, str):
+            return self._neutralize_text(x)
+        if isinstance(x, dict):
+            return {k: self.neutralize(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [self.neutralize(v) for v in x]
+        return x
+
+    def _neutralize_text(self, s: str) -> str:
+        """Scan left to right, replacing at each position the longest protected special-token text that starts
+        there: what is left cannot hold one, since a marker is part of no token text."""
+        first, prefixes, texts = self.protected
+        out, pos, p, n = [], 0, 0, len(s)
+        while p < n:
+            if s[p] not in first:
+                p += 1
+                continue
+            k, match = p + 1, None
+            while k <= n and s[p:k] in prefixes:
+                if s[p:k] in texts:
+                    match = k
+                k += 1
+            if match is None:
+                p += 1
+                continue
+            out.append(s[pos:p])
+            out.append(self._marker(texts[s[p:match]]))
+            pos = p = match
+        if not out:
+            return s
+        self.used = True
+        out.append(s[pos:])
+        return "".join(out)
+
+    def _marker(self, tid: int) -> str:
+        m = self.to_marker.get(tid)
+        if m is None:
+            m = next((c for c in self._candidates if c not in self.taken), None)
+            if m is None:
+                raise EdgeLMError("the messages hold more distinct special-token texts than can be kept as text")
+            self.to_marker[tid] = m
+            self.table[ord(m)] = self.tok.tokens[tid]
+        return m
+
+    def restore(self, text: str) -> str:
+        return text.translate(self.table) if self.table else text
+
+
+@lru_cache(maxsize=8)
+def _protected_specials(tok, template_source: str) -> tuple[frozenset, frozenset, dict[str, int]]:
+    """The special tokens that message text may not produce, as (first characters, all prefixes, text -> id):
+    control and unknown ones (as with parse_special=False), and user-defined ones that the template itself
+    writes, e.g. gpt-oss' "<|start|>" (llama.cpp makes those USER_DEFINED). Other user-defined tokens (Gemma's
+    whitespace runs, "<table>") are how ordinary text tokenizes, and are kept."""
+    attrs = tok.attrs
+    texts = {}
+    for tid in tok._special_ids:
+        text = tok.tokens[tid]
+        if attrs[tid] & (ATTR_CONTROL | ATTR_UNKNOWN) or (text.strip() and text in template_source):
+            texts[text] = tid
+    prefixes = frozenset(t[:k] for t in texts for k in range(1, len(t) + 1))
+    return frozenset(t[0] for t in texts), prefixes, texts
+
+
+@lru_cache(maxsize=8)
+def _special_chars(tok) -> frozenset[str]:
+    """Every character of every special token's text (a marker must not be one)."""
+    return frozenset("".join(tok.tokens[tid] for tid in tok._special_ids))
+
+
+def _collect_chars(x, into: set) -> None:
+    if isinstance(x, str):
+        into.update(x)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _collect_chars(k, into)
+            _collect_chars(v, into)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _collect_chars(v, into)
+
+
+def _warn_if_template_changes_text(template, messages, add_generation_prompt, restored: str) -> None:
+    """The rendering with markers, once restored, should be the plain rendering; it differs only for templates
+    that cut or escape message text (the prompt still holds the messages' special-token text as text)."""
+    if template.render(messages, add_generation_prompt=add_generation_prompt) != restored:
+        log.warning("chat template %s changes message text that holds special-token text; that text was kept "
+                    "as plain text", template.name)
 
 
 def _check_messages(messages) -> list[dict]:

@@ -1,17 +1,14 @@
-"""Chat templates: the GGUF's own `tokenizer.chat_template` (Jinja2, rendered in a sandbox because the file is
-untrusted input), or a built-in template picked from the model's special tokens when it has none.
-
-The rendering environment follows transformers' (utils/chat_template_utils.py): trim_blocks and lstrip_blocks,
-the loopcontrols extension, `raise_exception`, `strftime_now`, and a `tojson` that keeps non-ASCII text.
+"""Chat templates: the GGUF's own `tokenizer.chat_template` (Jinja2, untrusted input: rendered in a sandbox with
+time and size limits, see template_sandbox), or a built-in template picked from the model's special tokens when it
+has none.
 """
 from __future__ import annotations
 
-import json
 import os
-from datetime import datetime
-from functools import lru_cache
 
-from .errors import EdgeLMError
+from .template_sandbox import ChatTemplateError, LimitExceeded, Limits, compile_template, render_bounded, short_error
+
+__all__ = ["BUILTIN_TEMPLATES", "ChatTemplate", "ChatTemplateError", "template_for"]
 
 # Built-in templates, written for edgelm from each family's documented prompt format.
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -53,53 +50,54 @@ _MARKERS = [("gemma", "<start_of_turn>"), ("llama3", "<|start_header_id|>"), ("c
 _ARCH_DEFAULT = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma", "llama": "chatml", "phi3": "phi3"}
 
 
-class ChatTemplateError(EdgeLMError):
-    """The template could not be parsed or rendered."""
-
-
 class ChatTemplate:
-    def __init__(self, source: str, name: str, bos_token: str = "", eos_token: str = ""):
+    """A chat template, compiled once and rendered under a time budget and a size cap.
+
+    max_seconds: wall-clock budget of one render (default: $EDGELM_TEMPLATE_TIMEOUT, else 1 s).
+    max_output_bytes: cap on the rendered text and on any single string or list the template builds
+    (default: $EDGELM_TEMPLATE_MAX_BYTES, else 1 MiB). The process's resident memory may also grow by at most
+    MEMORY_HEADROOM_BYTES during a render. Going past any of them raises a one-line ChatTemplateError naming
+    the template. The limits hold on any thread: they are checked inside the render itself (template_sandbox).
+    """
+
+    def __init__(self, source: str, name: str, bos_token: str = "", eos_token: str = "",
+                 max_seconds: float | None = None, max_output_bytes: int | None = None):
         self.source, self.name = source, name
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.limits = Limits.resolve(max_seconds, max_output_bytes)
         try:
-            self._template = _environment().from_string(source)
+            self._template = compile_template(source, self.limits)
+        except LimitExceeded as e:
+            raise ChatTemplateError(f"chat template {name} {e}") from None
         except Exception as e:  # jinja2 TemplateSyntaxError and friends
-            raise ChatTemplateError(f"chat template {name} does not parse: {_short(e)}") from None
+            raise ChatTemplateError(f"chat template {name} does not parse: {short_error(e)}") from None
+
+    @property
+    def max_seconds(self) -> float:
+        return self.limits.max_seconds
+
+    @property
+    def max_output_bytes(self) -> int:
+        return self.limits.max_output_bytes
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         # transformers always defines `tools` and `documents` (None when not given): templates test
         # `tools is not none`, which is true for an undefined variable and would render an empty tools section.
         extra = {"tools": None, "documents": None, **extra}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+            return render_bounded(self._template, self.limits, messages=messages,
+                                  add_generation_prompt=add_generation_prompt,
+                                  bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+        except LimitExceeded as e:
+            raise ChatTemplateError(f"chat template {self.name} {e}") from None
+        except RecursionError:
+            raise ChatTemplateError(f"chat template {self.name} failed to render: it recursed too deeply") from None
+        except MemoryError:
+            raise ChatTemplateError(f"chat template {self.name} failed to render: out of memory") from None
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"chat template {self.name} raised an error: {e}") from None
         except Exception as e:
-            raise ChatTemplateError(f"chat template {self.name} failed to render: {_short(e)}") from None
-
-
-def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
-
-
-def _raise_exception(message):
-    raise ChatTemplateError(str(message))
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=1)
-def _environment():
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+            raise ChatTemplateError(f"chat template {self.name} failed to render: {short_error(e)}") from None
 
 
 def template_for(metadata: dict, tokenizer, override: str | None = None) -> ChatTemplate:
