@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,8 @@ class CatalogEntry:
     sha256: str
     size: int
     description: str
+    # recommended sampling (SamplingParams field names) when the GGUF carries none; see Model.sampling_defaults
+    sampling: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
@@ -44,6 +46,12 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98362432,
         description="SmolLM2 135M Instruct, Q4_1 (llama architecture, chat template)",
+        # The model card recommends temperature 0.2, top_p 0.9 (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)
+        # for the bf16 weights. On this 4-bit file the first token of a factual answer is often a near tie
+        # ("What is the capital of France?": "The" 0.152, "L" 0.140, "La" 0.104), and sampling at 0.2 answered
+        # Paris in 5 of 10 seeds (0.05: 82 %, greedy: 10/10, measured). Greedy keeps the file's best guess;
+        # --temp or /set parameter temperature bring sampling back.
+        sampling={"temperature": 0.0},
     ),
     CatalogEntry(
         name="gemma3-270m",

@@ -53,7 +53,7 @@ class Conversation:
         self.model = model
         self.template = template or template_for(model.gguf.metadata, model.tokenizer)
         self.system = system
-        self.params = params or SamplingParams()
+        self.params = params or model.sampling_defaults
         self.max_tokens = max_tokens          # -1: until an end-of-turn token or the context is full
         self.stop = list(stop or [])
         self.messages: list[dict] = []        # user/assistant turns (the system prompt is kept apart)
@@ -284,7 +284,7 @@ def chat_completion(model, messages, stream: bool = False, max_tokens: int | Non
         raise ContextError(f"the messages need {len(ids)} tokens, the context holds {model.n_ctx}")
     budget = model.n_ctx - len(ids)
     n = budget if max_tokens is None or max_tokens < 0 else min(max_tokens, budget)
-    params = SamplingParams().with_(**sampling)
+    params = model.sampling_defaults.with_(**sampling)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stats = model.last_stats = GenerationStats()
     pieces = stream_tokens(model, ids, n, params, stops, stats)

@@ -11,7 +11,8 @@ import click
 
 from . import catalog
 from .errors import EdgeLMError
-from .sampling import SamplingParams
+from .generate import clean_text
+from .sampling import SamplingParams, parse_value
 
 _D = SamplingParams()
 
@@ -21,16 +22,30 @@ def _fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
+def _tolerant_stdio() -> None:
+    """Bytes that are not valid in the terminal's encoding never end a command: read as U+FFFD on the way in,
+    written as '?' (or the encoding's replacement) on the way out."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace" if stream is not sys.stderr else "backslashreplace")
+        except (AttributeError, ValueError, OSError):   # not a TextIOWrapper (redirected by a caller), or closed
+            pass
+
+
 def main() -> None:
     """Entry point: any EdgeLMError (or OS error on a user's file) becomes one line and a non-zero exit."""
     import logging
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("edgelm: %(message)s"))
     logging.getLogger("edgelm").addHandler(handler)
+    _tolerant_stdio()
+    # A damaged file's weights can overflow; that ends as one clear error (NaN logits), not a screen of warnings.
+    import numpy as np
+    np.seterr(all="ignore")
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
-        _fail("aborted", 130)
+        sys.exit(130)    # Ctrl-C (Click has already ended the line on stderr): quiet, like any other program
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -41,10 +56,10 @@ def main() -> None:
         sys.exit(130)
     except EdgeLMError as e:
         _fail(str(e))
+    except BrokenPipeError:       # `edgelm generate ... | head`: the reader has left, nothing to report
+        sys.exit(0)
     except OSError as e:
         _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    except BrokenPipeError:
-        sys.exit(0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,43 +95,94 @@ class _TensorProgress:
         return False
 
 
+class _Checked(click.ParamType):
+    """An option value parsed by `parse(text, option)`; bad values raise EdgeLMError (one line, exit 1)
+    instead of Click's usage block."""
+
+    def __init__(self, parse, metavar: str):
+        self.parse, self.metavar, self.name = parse, metavar, metavar
+
+    def get_metavar(self, param, *args, **kwargs):
+        return self.metavar
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        return self.parse(value, "/".join(param.opts) if param else "value")
+
+
+def _param(name: str, metavar: str) -> _Checked:
+    """A flag checked by the same rule as the API and `/set parameter` (sampling.py)."""
+    return _Checked(lambda v, opt: parse_value(name, v, opt), metavar)
+
+
 def _load(model, ctx=None, threads=None):
     from .model import Model
     path = catalog.resolve(model, progress=_progress)
     return Model(str(path), n_ctx=ctx, threads=threads)
 
 
+_DEFAULT_HELP = "[default: the model's recommendation, else {}]"
+
+
 def sampling_options(f):
-    """The sampling flags shared by generate and chat: llama.cpp's names and defaults."""
+    """The sampling flags shared by generate and chat: llama.cpp's names. Left out, a flag takes the model's
+    recommended value (Model.sampling_defaults), else llama.cpp's default."""
     for opt in reversed([
-        click.option("--temp", default=_D.temperature, show_default=True, help="Temperature; 0 = greedy."),
-        click.option("--top-k", default=_D.top_k, show_default=True),
-        click.option("--top-p", default=_D.top_p, show_default=True),
-        click.option("--min-p", default=_D.min_p, show_default=True),
-        click.option("--repeat-penalty", default=_D.repeat_penalty, show_default=True),
-        click.option("--repeat-last-n", default=_D.repeat_last_n, show_default=True),
-        click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed; -1 = random."),
+        click.option("--temp", type=_param("temperature", "FLOAT"), default=None,
+                     help="Temperature; 0 = greedy.  " + _DEFAULT_HELP.format(_D.temperature)),
+        click.option("--top-k", type=_param("top_k", "INT"), default=None,
+                     help="Keep the K most likely tokens; 0 = off.  " + _DEFAULT_HELP.format(_D.top_k)),
+        click.option("--top-p", type=_param("top_p", "FLOAT"), default=None,
+                     help="Nucleus sampling, 0..1.  " + _DEFAULT_HELP.format(_D.top_p)),
+        click.option("--min-p", type=_param("min_p", "FLOAT"), default=None,
+                     help="Drop tokens below this share of the best, 0..1.  " + _DEFAULT_HELP.format(_D.min_p)),
+        click.option("--repeat-penalty", type=_param("repeat_penalty", "FLOAT"), default=None,
+                     help="> 0; 1 = off.  " + _DEFAULT_HELP.format(_D.repeat_penalty)),
+        click.option("--repeat-last-n", type=_param("repeat_last_n", "INT"), default=None,
+                     help="Tokens the penalty looks back on; -1 = all.  " + _DEFAULT_HELP.format(_D.repeat_last_n)),
+        click.option("-s", "--seed", type=_param("seed", "INT"), default=-1, show_default=True,
+                     help="RNG seed; -1 = random."),
     ]):
         f = opt(f)
     return f
+
+
+def _sampling_flags(**flags) -> dict:
+    """The sampling flags given on the command line (None = left to the model), by SamplingParams name."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 model_option = click.option("-m", "--model", default=catalog.DEFAULT_MODEL, show_default=True,
                             help="GGUF path or catalog name (see `edgelm pull --list`).")
 
 
+_ctx_option = click.option("-c", "--ctx", type=_param("n_ctx", "N"), default=None,
+                           help="Context size in tokens  [default: 4096, or the model's training context if smaller]")
+_threads_option = click.option("-t", "--threads", type=_param("threads", "N"), default=None,
+                               help="Compute threads  [default: all cores]")
+_stats_option = click.option("--stats", "-v", "--verbose", "stats", is_flag=True,
+                             help="Speed after each reply (generate: on stderr, with peak memory); "
+                                  "-v/--verbose is the same flag.")
+
+# a base model (no chat template in the file) seldom writes an end-of-turn token: without a cap one reply runs
+# until the context is full (minutes on a CPU)
+BASE_MODEL_REPLY_CAP = 256
+
+
 @cli.command()
 @model_option
 @click.argument("prompt", required=False)
-@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, help="Tokens to generate.")
+@click.option("-n", "--n-predict", "n_predict", type=_param("num_predict", "N"), default=128, show_default=True,
+              help="Tokens to generate; -1 = until the end of text or a full context.")
 @sampling_options
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("-c", "--ctx", type=int, default=None, help="Context size in tokens.")
-@click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@_ctx_option
+@_threads_option
 @click.option("--special", is_flag=True, help="Parse control tokens written in the prompt (e.g. <|im_start|>).")
-@click.option("-v", "--verbose", is_flag=True, help="Timings and peak memory on stderr.")
+@_stats_option
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
-             threads, special, verbose):
+             threads, special, stats):
     """Continue PROMPT (read from stdin when omitted) and stream the text."""
     if prompt is None:
         if sys.stdin.isatty():
@@ -125,14 +191,20 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     t0 = time.perf_counter()
     m = _load(model, ctx, threads)
     load_s = time.perf_counter() - t0
-    pieces = m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
-                        stream=True, parse_special=special)
-    for piece in pieces:
-        sys.stdout.write(piece)
+    pieces = m.generate(clean_text(prompt), max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                        stop=[clean_text(x) for x in stop], stream=True, parse_special=special)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was written, end its line, and leave quietly with the shell's usual status
+        sys.stdout.write("\n")
         sys.stdout.flush()
+        sys.exit(130)
     sys.stdout.write("\n")
-    if verbose:
+    if stats:
         s = m.last_stats
         click.echo(f"[ load: {load_s:.2f} s | prompt: {s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | "
                    f"generation: {s.generated_tokens} tokens, {s.generate_tps:.1f} t/s | "
@@ -143,14 +215,15 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
 @model_option
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
-@click.option("-n", "--n-predict", "n_predict", default=-1, show_default=True,
-              help="Most tokens per reply; -1 = until the end of the turn.")
+@click.option("-n", "--n-predict", "n_predict", type=_param("num_predict", "N"), default=None,
+              help="Most tokens per reply; -1 = until the end of the turn  [default: -1; "
+                   f"{BASE_MODEL_REPLY_CAP} for a base model without a chat template]")
 @click.option("--stop", multiple=True, help="Also end a reply at this text (repeatable).")
-@click.option("-c", "--ctx", type=int, default=None, help="Context size in tokens.")
-@click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@_ctx_option
+@_threads_option
 @click.option("--chat-template", default=None,
               help="Built-in template name (chatml, gemma, llama3, phi3) or a Jinja file; default: the model's own.")
-@click.option("--stats", is_flag=True, help="Prompt and generation speed after each reply.")
+@_stats_option
 def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, n_predict, stop, ctx,
          threads, chat_template, stats):
     """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
@@ -159,19 +232,40 @@ def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n
     from .repl import Repl
     m = _load(model, ctx, threads)
     template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
-    params = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-    conv = Conversation(m, system=system, template=template, params=params, max_tokens=n_predict, stop=list(stop))
-    sys.exit(Repl(conv, os.path.basename(m.path), stats=stats).run())
+    flags = _sampling_flags(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                            repeat_last_n=repeat_last_n, seed=seed)
+    params = m.sampling_defaults.with_(**flags)
+    sources = {**m.sampling_sources, **{k: "flag" for k in flags if k != "seed" or seed != -1}}
+    notes = []
+    if n_predict is not None:
+        sources["num_predict"] = "flag"
+    if chat_template is None and m.gguf.metadata.get("tokenizer.chat_template") is None:
+        notes.append(_base_model_note(os.path.basename(m.path), capped=n_predict is None))
+        if n_predict is None:
+            n_predict = BASE_MODEL_REPLY_CAP
+            sources["num_predict"] = "cap for a base model"
+    conv = Conversation(m, system=clean_text(system) if system else None, template=template, params=params,
+                        max_tokens=-1 if n_predict is None else n_predict, stop=[clean_text(x) for x in stop])
+    sys.exit(Repl(conv, os.path.basename(m.path), stats=stats, sources=sources, notes=notes).run())
+
+
+def _base_model_note(name: str, capped: bool) -> str:
+    note = f"{name} is a base model without a chat template: its replies may not end by themselves"
+    if capped:
+        note += (f", so each stops after {BASE_MODEL_REPLY_CAP} tokens (lift the cap with -n -1 or "
+                 f"/set parameter num_predict -1)")
+    return note
 
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--tensors/--no-tensors", default=True, show_default=True, help="Include the tensor table.")
+@click.option("--tensors/--no-tensors", default=False, show_default=True,
+              help="Add the tensor table (sorted by layer).")
 @click.option("--compare", is_flag=True,
               help="Architecture cards side by side, one column per file (the default for several files).")
 def info(models, as_json, tensors, compare):
-    """Describe GGUF models: architecture, parameters, quant types, tensors, context, tokenizer.
+    """Describe GGUF models: the architecture card, quant types and tokenizer (--tensors: every tensor too).
 
     With several files (or --compare): their architecture cards side by side (attention, positions, norms,
     activation, MLP or MoE, sliding window, biases, tying, bits/weight, KV cache), derived from each file."""
@@ -239,22 +333,6 @@ def pull(name, list_):
         return
     path = catalog.pull(name, progress=_progress)
     click.echo(str(path))
-
-
-class _Checked(click.ParamType):
-    """An option value parsed by `parse(text, option)`; bad values raise EdgeLMError (one line, exit 1)
-    instead of Click's usage block."""
-
-    def __init__(self, parse, metavar: str):
-        self.parse, self.metavar, self.name = parse, metavar, metavar
-
-    def get_metavar(self, param, *args, **kwargs):
-        return self.metavar
-
-    def convert(self, value, param, ctx):
-        if not isinstance(value, str):
-            return value
-        return self.parse(value, "/".join(param.opts) if param else "value")
 
 
 def _int_list(minimum):

@@ -23,7 +23,8 @@ from .quant.formats import dequantize, format_for
 
 def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> dict:
     g = GGUFFile(path)
-    cfg = ModelConfig.from_gguf(g)
+    cfg = ModelConfig.from_gguf(g)     # validates every hyper-parameter against the tensors first
+    _check_tensor_shapes(g, cfg)
     n_params = g.n_params
     bytes_by_type: Counter = Counter()
     params_by_type: Counter = Counter()
@@ -33,7 +34,8 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> di
         params_by_type[name] += int(np.prod(t.shape))
     tensor_bytes = sum(bytes_by_type.values())
     meta = g.metadata
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0
     d = {
         "file": os.path.abspath(path),
         "file_size": g.file_size,
@@ -56,7 +58,7 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> di
         "tokenizer": {
             "model": meta.get("tokenizer.ggml.model"),
             "pre": meta.get("tokenizer.ggml.pre"),
-            "vocab_size": len(tokens),
+            "vocab_size": n_tokens,
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
             "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
@@ -71,22 +73,21 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> di
     return d
 
 
+def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig) -> None:
+    """Every tensor the decoder reads has the shape the config implies: info refuses what load refuses. Building
+    the decoder does exactly these checks (Weights._info) and reads no matrix, only views (~2 ms)."""
+    from .arch.decoder import Decoder
+    Decoder(cfg, g)
+
+
 def format_text(d: dict) -> str:
+    """The summary: with a card, only what the card does not say (file, quant types, tokenizer) and then the
+    card; without one, the hyper-parameters too. The tensor table last, in layer order."""
     tok = d["tokenizer"]
-    attn = ("MHA" if d["kv_heads"] == d["heads"] else "MQA" if d["kv_heads"] == 1
-            else f"GQA (group {d['heads'] // d['kv_heads']})")
     lines = [
         f"{d['file']}",
-        f"  name           {d['name']}",
-        f"  architecture   {d['architecture']}",
-        f"  parameters     {d['parameters'] / 1e6:.1f} M   ({d['bits_per_weight']:.2f} bits/weight, "
-        f"{d['file_size'] / 2**20:.1f} MiB)",
+        f"  file size      {d['file_size'] / 2**20:.1f} MiB",
         "  quant types    " + ", ".join(f"{k} ×{v['tensors']}" for k, v in d["quant_types"].items()),
-        f"  layers         {d['layers']}   embedding {d['embedding']}   feed-forward {d['feed_forward']}",
-        f"  attention      {attn}: {d['heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
-        + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else ""),
-        f"  context        {d['context_length']} tokens   RoPE base {d['rope_base']:g}   "
-        f"KV cache {d['kv_bytes_per_token_f16'] / 1024:.1f} KiB/token (f16)",
         f"  tokenizer      {tok['model']} (pre: {tok['pre']}), {tok['vocab_size']} tokens, "
         f"bos {tok['bos_token_id']}, eos {tok['eos_token_id']}, chat template: {'yes' if tok['chat_template'] else 'no'}",
     ]
@@ -94,13 +95,44 @@ def format_text(d: dict) -> str:
         lines.append("  card")
         w = max(len(k) for k in d["card"])
         lines += [f"    {k:<{w}}  {v}" for k, v in d["card"].items()]
+    else:
+        lines[1:1] = _hyperparameter_lines(d)
     if "tensors" in d:
-        lines.append("  tensors")
-        w = max(len(t["name"]) for t in d["tensors"])
-        for t in d["tensors"]:
-            shape = "×".join(str(s) for s in t["shape"])
-            lines.append(f"    {t['name']:<{w}}  {t['type']:<5} {shape:>14}  {t['bytes']:>11,} B")
+        lines += _tensor_table(d["tensors"])
     return "\n".join(lines)
+
+
+def _hyperparameter_lines(d: dict) -> list[str]:
+    attn = ("MHA" if d["kv_heads"] == d["heads"] else "MQA" if d["kv_heads"] == 1
+            else f"GQA (group {d['heads'] // d['kv_heads']})")
+    return [
+        f"  name           {d['name']}",
+        f"  architecture   {d['architecture']}",
+        f"  parameters     {d['parameters'] / 1e6:.1f} M   ({d['bits_per_weight']:.2f} bits/weight)",
+        f"  layers         {d['layers']}   embedding {d['embedding']}   feed-forward {d['feed_forward']}",
+        f"  attention      {attn}: {d['heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
+        + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else ""),
+        f"  context        {d['context_length']} tokens   RoPE base {d['rope_base']:g}   "
+        f"KV cache {d['kv_bytes_per_token_f16'] / 1024:.1f} KiB/token (f16)",
+    ]
+
+
+def tensor_order(name: str) -> tuple:
+    """Sort key: tensors outside the layers first (embeddings, output), then blk.0, blk.1, ... blk.10 by
+    number (not as text, which puts blk.10 before blk.2), names within a layer alphabetically."""
+    m = _BLOCK.fullmatch(name)
+    return (1, int(m.group(1)), m.group(2)) if m else (0, 0, name)
+
+
+def _tensor_table(tensors: list[dict]) -> list[str]:
+    if not tensors:
+        return ["  tensors        none"]
+    w = max(len(t["name"]) for t in tensors)
+    lines = ["  tensors"]
+    for t in sorted(tensors, key=lambda t: tensor_order(t["name"])):
+        shape = "×".join(str(s) for s in t["shape"])
+        lines.append(f"    {t['name']:<{w}}  {t['type']:<5} {shape:>14}  {t['bytes']:>11,} B")
+    return lines
 
 
 # -- the architecture card --------------------------------------------------------------------------
@@ -153,6 +185,7 @@ def architecture_facts(model: str | os.PathLike | GGUFFile, cfg: ModelConfig | N
     g = model if isinstance(model, GGUFFile) else GGUFFile(model)
     try:
         cfg = cfg or ModelConfig.from_gguf(g)
+        _check_tensor_shapes(g, cfg)
         return _facts(g, cfg)
     except EdgeLMError as e:
         raise e if g.path in str(e) else type(e)(f"{g.path}: {e}") from None

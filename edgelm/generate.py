@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 
+from .errors import EdgeLMError
 from .sampling import Sampler, SamplingParams
 
 
@@ -40,6 +42,21 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
+
+
+def clean_text(text: str) -> str:
+    """Text from outside (argv, stdin, a terminal) made encodable: bytes that were not UTF-8 reach Python as
+    lone surrogates (surrogateescape, PEP 383) and would end the tokenizer's .encode() in a traceback; they
+    become U+FFFD, as a UTF-8 decoder with errors="replace" would have made them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:     # surrogates that no decoder made (e.g. "\ud800" typed in Python)
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class StopMatcher:
@@ -88,6 +105,8 @@ def stream_tokens(model, prompt_ids: list[int], max_tokens: int, params: Samplin
     stats.stop_reason = "length"
     try:
         for i in range(max_tokens):
+            if np.isnan(logits).any():      # only a damaged file gets here (every hyper-parameter was checked)
+                raise EdgeLMError(f"{model.path}: the model computed NaN logits: its weights are damaged")
             tok = sampler(logits, history)
             if tok in end_ids:
                 stats.stop_reason = "eos"

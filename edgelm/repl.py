@@ -12,6 +12,10 @@ from dataclasses import asdict, fields
 
 from .chat import Conversation
 from .errors import EdgeLMError
+from .generate import clean_text
+from .sampling import check_value, parse_value
+
+GREETING = "/? for help, Ctrl-D or /bye to quit"
 
 HELP = """Commands:
   /set parameter NAME VALUE   temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, num_predict
@@ -30,12 +34,18 @@ PARAM_ALIASES = {"temperature": "temperature", "temp": "temperature", "top_k": "
 
 
 class Repl:
-    def __init__(self, conv: Conversation, model_name: str, stats: bool = False, out=None, inp=None):
+    def __init__(self, conv: Conversation, model_name: str, stats: bool = False, out=None, inp=None,
+                 sources: dict[str, str] | None = None, notes: list[str] | tuple = ()):
+        """`inp`: a text stream to read lines from instead of the terminal (tests, scripts). `sources`: where
+        each sampling value came from, for /show parameters (default: the model's own sources). `notes`:
+        one-line remarks shown once under the greeting."""
         self.conv = conv
         self.model_name = model_name
         self.verbose = stats
         self.out = out or sys.stdout
         self.inp = inp
+        self.sources = dict(sources if sources is not None else getattr(conv.model, "sampling_sources", {}))
+        self.notes = list(notes)
         # grey text only on a real terminal that can show it
         self.tty = (self.out.isatty() and os.environ.get("TERM", "") != "dumb"
                     and "NO_COLOR" not in os.environ)
@@ -50,8 +60,21 @@ class Repl:
         self.write(f"\x1b[2m{s}\x1b[0m\n" if self.tty else f"{s}\n")
 
     # -- input --------------------------------------------------------------------------------------
+    def _input(self, prompt: str) -> str:
+        """One line, without its newline; EOFError at the end. Bytes that are not UTF-8 arrive as U+FFFD
+        (the CLI reads stdin with errors="replace"; a stream handed in may still carry surrogates)."""
+        if self.inp is None:
+            line = input(prompt)
+        else:
+            self.write(prompt)
+            line = self.inp.readline()
+            if not line:
+                raise EOFError
+            line = line.rstrip("\n")
+        return clean_text(line)
+
     def _setup_readline(self) -> None:
-        if not sys.stdin.isatty():
+        if self.inp is not None or not sys.stdin.isatty():
             return
         try:
             import readline
@@ -79,7 +102,10 @@ class Repl:
         """One message from the user; None at end of input. Ctrl-C at the prompt only prints a hint."""
         while True:
             try:
-                line = input(">>> ")
+                line = self._input(">>> ")
+            except UnicodeDecodeError:
+                self.dim("error: that line was not valid text in the terminal's encoding; it was ignored")
+                continue
             except KeyboardInterrupt:
                 self.write("\nUse Ctrl-D or /bye to exit.\n")
                 continue
@@ -92,7 +118,10 @@ class Repl:
                 parts = [first] if first else []
                 while True:
                     try:
-                        more = input("... ")
+                        more = self._input("... ")
+                    except UnicodeDecodeError:
+                        self.dim("error: that line was not valid text in the terminal's encoding; it was ignored")
+                        continue
                     except EOFError:
                         return None
                     except KeyboardInterrupt:
@@ -109,8 +138,15 @@ class Repl:
             return line
 
     # -- the loop -----------------------------------------------------------------------------------
+    def greet(self) -> None:
+        """Once, before the first prompt: how to get help and how to leave, then any notes (dim on a tty)."""
+        self.dim(GREETING)
+        for note in self.notes:
+            self.dim(note)
+
     def run(self) -> int:
         self._setup_readline()
+        self.greet()
         try:
             while True:
                 msg = self.read_message()
@@ -201,14 +237,15 @@ class Repl:
                 self.write(f"Unknown parameter '{args[1]}'. Known: {', '.join(sorted(set(PARAM_ALIASES.values())))}\n")
                 return
             try:
-                value = int(args[2]) if name in ("top_k", "repeat_last_n", "seed", "num_predict") else float(args[2])
-            except ValueError:
-                self.write(f"Invalid value '{args[2]}' for {name}\n")
+                value = parse_value(name, args[2])    # the flags' and the API's rules (sampling.py)
+            except EdgeLMError as e:
+                self.dim(f"error: {e}")
                 return
             if name == "num_predict":
                 self.conv.max_tokens = value
             else:
                 self.conv.params = self.conv.params.with_(**{name: value})
+            self.sources[name] = "/set parameter"
             self.write(f"Set parameter '{name}' to '{args[2]}'\n")
         else:
             self.write("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose | /set quiet\n")
@@ -224,9 +261,11 @@ class Repl:
         elif what == "template":
             self.write(conv.template.source + "\n")
         elif what == "parameters":
-            for f in fields(conv.params):
-                self.write(f"  {f.name:<16} {getattr(conv.params, f.name)}\n")
-            self.write(f"  {'num_predict':<16} {conv.max_tokens}\n")
+            rows = [(f.name, getattr(conv.params, f.name)) for f in fields(conv.params)]
+            rows.append(("num_predict", conv.max_tokens))
+            for name, value in rows:
+                source = self.sources.get(name)
+                self.write(f"  {name:<16} {str(value):<10}" + (f" ({source})" if source else "") + "\n")
         elif what == "system":
             self.write((conv.system or "(no system message)") + "\n")
         else:
@@ -261,14 +300,17 @@ class Repl:
             params = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ()) if k in PARAM_ALIASES}
             params["num_predict"] = data.get("num_predict", self.conv.max_tokens)
             for k, v in params.items():
-                ints = k in ("top_k", "repeat_last_n", "seed", "num_predict")
-                if not (v is None and k == "seed") and (isinstance(v, bool) or not isinstance(v, int if ints else (int, float))):
-                    raise ValueError(f"parameter {k} has an invalid value {v!r}")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                if not (v is None and k == "seed"):
+                    params[k] = check_value(PARAM_ALIASES[k], v, f"parameter {k}")
+            num_predict = params.pop("num_predict")
+            new_params = self.conv.params.with_(**{PARAM_ALIASES[k]: v for k, v in params.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeLMError) as e:
             self.write(f"Could not load {path}: {e}\n")
             return
         self.conv.messages = list(msgs)
         self.conv.system = data.get("system") or None
-        self.conv.max_tokens = params.pop("num_predict")
-        self.conv.params = self.conv.params.with_(**params)
+        self.conv.max_tokens = num_predict
+        self.conv.params = new_params
+        self.sources.update({PARAM_ALIASES[k]: f"loaded from {path}" for k in params if params[k] is not None})
+        self.sources["num_predict"] = f"loaded from {path}"
         self.write(f"Loaded {len(msgs)} messages from {path}\n")

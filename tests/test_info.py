@@ -270,16 +270,31 @@ def test_cli_compare_real(smollm2_path, gemma_path):
     assert "GQA (group size 3)" in r.stdout and "MQA" in r.stdout
 
 
-def test_cli_single_file_keeps_summary_and_adds_card(tiny):
-    r = run_cli("info", "--no-tensors", tiny("qwen3_moe"), timeout=120)
+def test_cli_single_file_shows_card_without_repeating_it(tiny):
+    r = run_cli("info", tiny("qwen3_moe"), timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for line in ("  architecture   qwen3moe", "  attention      GQA (group 2)", "  tokenizer ", "  card"):
+    for line in ("  file size ", "  quant types ", "  tokenizer ", "  card"):
         assert line in out
     assert "    MLP                    MoE: 8 experts" in out
-    assert "  tensors" not in out
-    d = json.loads(run_cli("info", "--json", tiny("qwen3"), timeout=120).stdout)
+    assert "  tensors" not in out                        # the table only with --tensors
+    header = out[:out.index("  card")]
+    for card_fact in ("architecture", "attention", "layers", "context", "bits/weight"):
+        assert card_fact not in header, header       # said once, in the card
+    d = json.loads(run_cli("info", "--json", "--tensors", tiny("qwen3"), timeout=120).stdout)
     assert d["architecture"] == "qwen3" and d["card"]["norm"] == "RMSNorm, pre, QK-norm" and "tensors" in d
+
+
+def test_cli_tensor_table_in_layer_order(smollm2_path):
+    from edgelm.gguf_file import GGUFFile
+    r = run_cli("info", "--tensors", smollm2_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("  tensors\n"):].splitlines()[1:]
+    names = [row.split()[0] for row in table]
+    assert sorted(names) == sorted(GGUFFile(smollm2_path).tensors)       # every tensor, once
+    layers = [int(n.split(".")[1]) for n in names if n.startswith("blk.")]
+    assert layers == sorted(layers) and layers[-1] == 29                 # blk.2 before blk.10
+    assert not any(n.startswith("blk.") for n in names[:len(names) - len(layers)])   # the others first
 
 
 def test_cli_compare_bad_file_is_one_line(tiny, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
@@ -19,6 +20,25 @@ def _f16(typingctx, h):
     def codegen(context, builder, signature, args):
         return half_to_f32(builder, args[0])
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """float32 -> its IEEE bits as uint32 (a register bitcast; vectorizes)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, u):
+    """int32/uint32 IEEE bits -> float32 (a register bitcast; vectorizes)."""
+    if not isinstance(u, types.Integer) or u.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(u), codegen
 
 
 def _kv_f32(x):
@@ -108,8 +128,9 @@ def _decode_attention_py(q, kc, vc, n_keys, lo, scale, sinks, out):
 
 
 # Waking threads costs tens of µs per parallel region (passive OpenMP waits): short contexts run serially.
-_decode_parallel = nb.njit(parallel=True, fastmath=True, cache=True)(_decode_attention_py)
-_decode_serial = nb.njit(fastmath=True, cache=True)(_decode_attention_py)
+# error_model="numpy": NaN scores from corrupted weights give NaN, not ZeroDivisionError (blocks.py says more)
+_decode_parallel = nb.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")(_decode_attention_py)
+_decode_serial = nb.njit(fastmath=True, cache=True, error_model="numpy")(_decode_attention_py)
 SERIAL_MAX_WORK = 1 << 17   # heads x keys x head_dim below which one thread is faster
 
 

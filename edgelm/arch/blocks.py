@@ -9,7 +9,9 @@ import numpy as np
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
 
-@nb.njit(fastmath=True, cache=True)
+# error_model="numpy": a division by zero gives inf/NaN as in NumPy instead of raising ZeroDivisionError, so
+# weights that are garbage (a corrupted file that still passes every check) give garbage, not a traceback.
+@nb.njit(fastmath=True, cache=True, error_model="numpy")
 def _rms_norm_rows(x, w, eps, out):
     n = x.shape[1]
     for i in range(x.shape[0]):

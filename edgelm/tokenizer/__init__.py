@@ -24,7 +24,18 @@ __all__ = [
 
 
 def tokenizer_from_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """Build the tokenizer a GGUF file describes (`tokenizer.ggml.*` keys)."""
+    """Build the tokenizer a GGUF file describes (`tokenizer.ggml.*` keys). Errors name the file when `meta`
+    is a GGUFFile's metadata (which carries its path)."""
+    try:
+        return _build(meta)
+    except (GGUFError, UnsupportedError) as e:
+        path = getattr(meta, "path", "")
+        if path and not str(e).startswith(path):
+            raise type(e)(f"{path}: {e}") from None
+        raise
+
+
+def _build(meta: dict[str, Any]) -> Tokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model is None:
         raise GGUFError("missing metadata key tokenizer.ggml.model")

@@ -79,15 +79,44 @@ def _get_id(meta: dict, name: str, n_vocab: int, default: int | None) -> int | N
     value = meta.get(_KEY + name)
     if value is None:
         return default
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise GGUFError(f"metadata key {_KEY + name} is not an integer: {value!r}") from None
+    if isinstance(value, (bool, float, str, list, np.ndarray)) or not isinstance(value, int):
+        raise GGUFError(f"metadata key {_KEY + name} must be an integer, found {_describe(value)}")
     if not 0 <= value < n_vocab:
         log.warning("bad special token %s%s = %d (vocab size %d); using default %s",
                     _KEY, name, value, n_vocab, default)
         return default
     return value
+
+
+def _describe(value) -> str:
+    if isinstance(value, (list, np.ndarray)):
+        return f"an array of {len(value)} items"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def string_array(meta: dict, name: str) -> list[str]:
+    """`tokenizer.ggml.NAME` as a list of strings (the parser gives string arrays as lists of str)."""
+    v = meta.get(_KEY + name)
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise GGUFError(f"metadata key {_KEY + name} must be an array of strings, found {_describe(v)}")
+    return v
+
+
+def number_array(meta: dict, name: str, n: int, integer: bool) -> np.ndarray | None:
+    """`tokenizer.ggml.NAME`, one number per token (integers or floats), or None when absent. llama.cpp reads
+    scores and token types by token id (llama-vocab.cpp), so the arrays must be as long as the vocabulary."""
+    v = meta.get(_KEY + name)
+    if v is None:
+        return None
+    kinds = "iu" if integer else "iuf"
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+        v = np.asarray(v)
+    if not isinstance(v, np.ndarray) or v.ndim != 1 or v.dtype.kind not in kinds:
+        what = "integers" if integer else "numbers"
+        raise GGUFError(f"metadata key {_KEY + name} must be an array of {what}, found {_describe(v)}")
+    if len(v) != n:
+        raise GGUFError(f"metadata key {_KEY}{name} has {len(v)} entries for {n} tokens (they must be equal)")
+    return v
 
 
 class Tokenizer(ABC):
@@ -121,10 +150,7 @@ class Tokenizer(ABC):
         tokens = meta.get(_KEY + "tokens")
         if tokens is None:
             raise GGUFError(f"missing metadata key {_KEY}tokens (the vocabulary)")
-        if not isinstance(tokens, list):
-            tokens = list(tokens)
-        if tokens and not isinstance(tokens[0], str):
-            raise GGUFError(f"metadata key {_KEY}tokens must be an array of strings")
+        tokens = string_array(meta, "tokens")
         n = len(tokens)
         if n == 0:
             raise GGUFError(f"metadata key {_KEY}tokens is empty")
@@ -139,25 +165,17 @@ class Tokenizer(ABC):
             dup = next(t for t in tokens if t in seen or seen.add(t))
             raise GGUFError(f"duplicate token in {_KEY}tokens: {dup!r}")
 
-        types = meta.get(_KEY + "token_type")
+        types = number_array(meta, "token_type", n, integer=True)
         if types is None:
             attrs = np.full(n, ATTR_NORMAL, dtype=np.int32)
         else:
-            types = np.asarray(types)
-            if types.ndim != 1 or len(types) < n:
-                raise GGUFError(f"metadata key {_KEY}token_type has {types.size} entries for {n} tokens")
-            types = types[:n].astype(np.int64)
+            types = types.astype(np.int64)
             attrs = _TYPE_TO_ATTR[np.clip(types, 0, 7)].copy()
             attrs[(types < 0) | (types > 7)] = 0
         self.attrs = attrs
 
-        scores = meta.get(_KEY + "scores")
-        if scores is not None:
-            scores = np.asarray(scores, dtype=np.float32)
-            if scores.ndim != 1 or len(scores) < n:
-                raise GGUFError(f"metadata key {_KEY}scores has {scores.size} entries for {n} tokens")
-            scores = scores[:n]
-        self.scores = scores
+        scores = number_array(meta, "scores", n, integer=False)
+        self.scores = None if scores is None else scores.astype(np.float32)
 
         self.bos_id = _get_id(meta, "bos_token_id", n, self._default_bos)
         self.eos_id = _get_id(meta, "eos_token_id", n, self._default_eos)
@@ -173,7 +191,11 @@ class Tokenizer(ABC):
 
         def flag(name: str, default: bool) -> bool:
             v = meta.get(_KEY + name)
-            return default if v is None else bool(v)
+            if v is None:
+                return default
+            if not isinstance(v, (bool, int)) or isinstance(v, np.ndarray):
+                raise GGUFError(f"metadata key {_KEY + name} must be a boolean, found {type(v).__name__}")
+            return bool(v)
 
         self.add_space_prefix = flag("add_space_prefix", add_space_prefix)
         self.add_bos = flag("add_bos_token", add_bos)

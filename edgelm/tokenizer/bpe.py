@@ -13,7 +13,7 @@ from typing import Any
 import regex
 
 from ..errors import GGUFError, UnsupportedError
-from .base import Tokenizer
+from .base import Tokenizer, string_array
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,9 @@ class BPETokenizer(Tokenizer):
         if pre is None or pre == "":
             log.warning("GGUF has no tokenizer.ggml.pre; using the 'default' pre-tokenizer (as llama.cpp does)")
             pre = "default"
-        entry = PreTokenizer.NAMES.get(str(pre))
+        if not isinstance(pre, str):
+            raise GGUFError(f"metadata key tokenizer.ggml.pre must be a string, found {type(pre).__name__}")
+        entry = PreTokenizer.NAMES.get(pre)
         if entry is None:
             raise UnsupportedError(
                 f"unsupported BPE pre-tokenizer tokenizer.ggml.pre = {pre!r}; supported: "
@@ -238,9 +240,7 @@ class BPETokenizer(Tokenizer):
         merges = meta.get("tokenizer.ggml.merges")
         if merges is None:
             raise GGUFError("missing metadata key tokenizer.ggml.merges (required by tokenizer.ggml.model 'gpt2')")
-        merges = list(merges)
-        if merges and not isinstance(merges[0], str):
-            raise GGUFError("metadata key tokenizer.ggml.merges must be an array of strings")
+        merges = string_array(meta, "merges")
         # "left right" -> rank. llama.cpp splits each entry at its first space after position 0 and looks up
         # (left, right) pairs, neither containing a space, so the entry itself can be the key; for duplicate
         # entries the first (lowest) rank wins, hence the reversed fill.

@@ -1,0 +1,1 @@
+"""The runtime state of a conversation: KV caches (kv_cache.py), sessions, generation, sampling."""
