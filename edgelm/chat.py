@@ -146,18 +146,8 @@ def encode_chat_prompt(tok, template: ChatTemplate, messages: list[dict], add_ge
     text = template.render(safe, add_generation_prompt=add_generation_prompt)
     if markers.used:
         _warn_if_template_changes_text(template, messages, add_generation_prompt, markers.restore(text))
-    out: list[int] = []
-    prev_special = True
-    # Tokenizer internals, used as llama.cpp's tokenizer_st_partition + per-run encoding do (base.encode):
-    # _partition splits out special tokens, _encode_fragment encodes one plain-text run.
-    for frag in tok._partition(text, True):
-        if isinstance(frag, int):
-            out.append(frag)
-            prev_special = True
-        else:
-            tok._encode_fragment(markers.restore(frag), prev_special, out)
-            prev_special = False
-    return out
+    # the template's own special tokens are matched in `text`; each plain-text run gets its user text back
+    return tok.encode_runs(text, True, [], run_text=markers.restore)
 
 
 class _SpecialMarkers:
@@ -231,7 +221,7 @@ def _protected_specials(tok, template_source: str) -> tuple[frozenset, frozenset
     whitespace runs, "<table>") are how ordinary text tokenizes, and are kept."""
     attrs = tok.attrs
     texts = {}
-    for tid in tok._special_ids:
+    for tid in tok.special_ids:
         text = tok.tokens[tid]
         if attrs[tid] & (ATTR_CONTROL | ATTR_UNKNOWN) or (text.strip() and text in template_source):
             texts[text] = tid
@@ -242,7 +232,7 @@ def _protected_specials(tok, template_source: str) -> tuple[frozenset, frozenset
 @lru_cache(maxsize=8)
 def _special_chars(tok) -> frozenset[str]:
     """Every character of every special token's text (a marker must not be one)."""
-    return frozenset("".join(tok.tokens[tid] for tid in tok._special_ids))
+    return frozenset("".join(tok.tokens[tid] for tid in tok.special_ids))
 
 
 def _collect_chars(x, into: set) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -264,7 +264,7 @@ class Tokenizer(ABC):
         # them out of the text (ties by id, to be deterministic).
         special = np.nonzero(self.attrs & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))[0].tolist()
         special.sort(key=lambda i: (-len(tokens[i]), i))
-        self._special_ids = special
+        self.special_ids: list[int] = special     # control, user-defined and unknown tokens, longest first
         self._special_rank = {tid: r for r, tid in enumerate(special)}
 
         # phi-3: special tokens swallow the whitespace after them (llama.cpp, per-model attributes)
@@ -287,7 +287,7 @@ class Tokenizer(ABC):
         m = self._matchers.get(parse_special)
         if m is None:
             texts: dict[str, int] = {}
-            for tid in self._special_ids:
+            for tid in self.special_ids:
                 # with parse_special False, control and unknown tokens are plain text; user-defined ones
                 # are still split out first (llama.cpp tokenizer_st_partition; HF tokenizers does the same)
                 if not parse_special and self.attrs[tid] & (ATTR_CONTROL | ATTR_UNKNOWN):
@@ -369,16 +369,24 @@ class Tokenizer(ABC):
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)  # type: ignore[arg-type]
+        self.encode_runs(text, parse_special, out)
+        if add_special and self.add_eos:
+            out.append(self.eos_id)  # type: ignore[arg-type]
+        return out
+
+    def encode_runs(self, text: str, parse_special: bool, out: list[int],
+                    run_text: Callable[[str], str] | None = None) -> list[int]:
+        """Append the ids of `text` to `out`: special tokens are split out first (llama.cpp
+        tokenizer_st_partition), then each run of plain text between them is encoded whole. `run_text` maps a
+        run before it is encoded: chat prompts mask user text while special tokens are matched, then put it back."""
         prev_special = True
         for frag in self._partition(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True
             else:
-                self._encode_fragment(frag, prev_special, out)
+                self._encode_fragment(run_text(frag) if run_text else frag, prev_special, out)
                 prev_special = False
-        if add_special and self.add_eos:
-            out.append(self.eos_id)  # type: ignore[arg-type]
         return out
 
     @abstractmethod
