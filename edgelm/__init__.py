@@ -30,13 +30,15 @@ __all__ = ["load", "Model", "EdgeLMError", "GGUFError", "UnsupportedError", "Con
 
 
 def load(model: str | os.PathLike | None = None, n_ctx: int | None = None, threads: int | None = None,
-         kv_type: str = "f16") -> "Model":
+         cache_type_k: str = "f16", cache_type_v: str = "f16", kv_type: str | None = None) -> "Model":
     """Open a GGUF model: a file path, or a catalog name ("smollm2-135m", "gemma3-270m") fetched on first use.
     n_ctx: context size (default min(4096, training context)); threads: compute threads (default: all cores);
-    kv_type: "f16" (default) or "f32" KV cache."""
+    cache_type_k / cache_type_v: KV cache storage, "f16" (default), "q8_0", "q4_0" or "f32" (llama.cpp's
+    -ctk/-ctv); kv_type sets both (the older keyword)."""
     from .catalog import resolve
     from .model import Model
-    return Model(str(resolve(model)), n_ctx=n_ctx, threads=threads, kv_type=kv_type)
+    return Model(str(resolve(model)), n_ctx=n_ctx, threads=threads, cache_type_k=cache_type_k,
+                 cache_type_v=cache_type_v, kv_type=kv_type)
 
 
 def __getattr__(name):

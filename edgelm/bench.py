@@ -1,11 +1,13 @@
 """`edgelm bench`: prompt-processing and generation speed, measured the way llama.cpp's llama-bench does.
 
-A test is `ppN` (evaluate N random token ids from an empty cache in one prefill) or `tgN` (after a 1-token
-prompt, N single-token decode steps with random ids). Timings exclude tokenization and sampling; each test
-is run once untimed first (Numba compilation, caches), then `reps` times. Records carry llama-bench's JSON
-field names (model_filename, model_type, model_size, model_n_params, n_threads, n_prompt, n_gen, avg_ns,
-stddev_ns, avg_ts, stddev_ts, samples_ns, samples_ts, ...) plus peak_rss_bytes and load_s, so scripts written
-for llama-bench's `-o json` read ours.
+A test is `ppN` (evaluate N random token ids in one prefill) or `tgN` (N single-token decode steps with random
+ids), each after `n_depth` random tokens already in the cache (`-d`; llama-bench's depth, named "pp512 @ d4096";
+with depth 0 a tg test starts after a 1-token prompt). The depth fill is not timed, nor are tokenization and
+sampling; each test is run once untimed first (Numba compilation, caches), then `reps` times. Records carry
+llama-bench's JSON field names (model_filename, model_type, model_size, model_n_params, n_threads, type_k,
+type_v, n_prompt, n_gen, n_depth, avg_ns, stddev_ns, avg_ts, stddev_ts, samples_ns, samples_ts, ...) plus
+peak_rss_bytes and load_s, so scripts written for llama-bench's `-o json` read ours (field names from llama.cpp
+tools/llama-bench/llama-bench.cpp, struct test::get_fields).
 """
 from __future__ import annotations
 
@@ -54,6 +56,33 @@ def parse_int_list(text: str | int, option: str, minimum: int = 0) -> list[int]:
             raise EdgeLMError(f"{option}: values must be at least {minimum}, got {v}")
         if v not in out:
             out.append(v)
+    return out
+
+
+# The cache types llama.cpp's -ctk/-ctv accept (common/arg.cpp, kv_cache_types): those we do not store are
+# refused by name, so a llama.cpp command line fails with a clear reason instead of "unknown value".
+LLAMA_CPP_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def parse_cache_type(text: str, option: str) -> str:
+    """One KV cache type name, checked against runtime.kv_cache's storage table (the one the runtime uses)."""
+    from .runtime.kv_cache import CACHE_TYPES
+    name = str(text).strip().lower()
+    if name in CACHE_TYPES:
+        return name
+    supported = ", ".join(CACHE_TYPES)
+    if name in LLAMA_CPP_CACHE_TYPES:
+        raise EdgeLMError(f"{option}: KV cache type {name} is not supported here (supported: {supported})")
+    raise EdgeLMError(f"{option}: unknown KV cache type {str(text)!r} (supported: {supported})")
+
+
+def parse_cache_types(text: str, option: str) -> list[str]:
+    """"f16" or "f16,q8_0" → ["f16"] / ["f16", "q8_0"] (llama-bench's comma lists); duplicates dropped."""
+    out: list[str] = []
+    for part in str(text).split(","):
+        name = parse_cache_type(part, option)
+        if name not in out:
+            out.append(name)
     return out
 
 
@@ -109,19 +138,38 @@ def cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
+def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
+    """"pp512", "tg128", "pp512 @ d4096": llama-bench's markdown test column (markdown_printer::print_test)."""
+    name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+    return name + (f" @ d{n_depth}" if n_depth else "")
+
+
 @dataclass
 class BenchTest:
     n_prompt: int
     n_gen: int
+    n_depth: int = 0
 
     @property
     def name(self) -> str:
-        return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return test_name(self.n_prompt, self.n_gen, self.n_depth)
+
+    @property
+    def n_context(self) -> int:
+        """Tokens in the cache before the timed part: the depth, or for tg at depth 0 the 1-token prompt."""
+        return self.n_depth if self.n_prompt or self.n_depth else 1
+
+    @property
+    def n_ctx_needed(self) -> int:
+        return self.n_context + self.n_prompt + self.n_gen
 
 
-def plan_tests(n_prompt: list[int], n_gen: list[int]) -> list[BenchTest]:
-    """Each non-zero prompt size is a pp test and each non-zero generation length a tg test (0 skips)."""
-    tests = [BenchTest(p, 0) for p in n_prompt if p > 0] + [BenchTest(0, n) for n in n_gen if n > 0]
+def plan_tests(n_prompt: list[int], n_gen: list[int], n_depth: list[int] = (0,)) -> list[BenchTest]:
+    """For each depth: each non-zero prompt size is a pp test, then each non-zero generation length a tg test
+    (0 skips) — llama-bench's order (get_cmd_params_instances: depth outside, pp then tg inside)."""
+    tests = [BenchTest(p, 0, d) for d in n_depth for p in n_prompt if p > 0]
+    tests += [BenchTest(0, n, d) for d in n_depth for n in n_gen if n > 0]
+    tests.sort(key=lambda t: n_depth.index(t.n_depth))          # stable: pp before tg within a depth
     if not tests:
         raise EdgeLMError("nothing to measure: -p and -n are both 0")
     return tests
@@ -141,45 +189,61 @@ def _bos(model) -> int | None:
     return int(bos) if bos is not None and add else None
 
 
-def time_prompt(model, ids: list[int]) -> int:
-    """Nanoseconds to evaluate `ids` from an empty cache (the last token's logits are computed, not sampled)."""
-    model.cache.clear()
+def restore_context(session, context: list[int]) -> None:
+    """Make `session` hold exactly `context` (untimed): cut it back when it still holds that prefix (as
+    llama-bench restores its saved depth state), else clear and evaluate it again. A ring (sliding-window
+    layer) that has overwritten keys a query at the cut still needs cannot be cut back there."""
+    n = len(context)
+    held = session.tokens[:n] == context and session.can_resume_at(n)
+    if held:
+        session.truncate(n)
+    else:
+        session.clear()
+        if context:
+            session.prefill(context)
+
+
+def time_prompt(session, context: list[int], ids: list[int]) -> int:
+    """Nanoseconds to evaluate `ids` after `context` (the last token's logits are computed, not sampled)."""
+    restore_context(session, context)
     t = time.perf_counter_ns()
-    model.prefill(ids)
+    session.prefill(context + ids)           # the held prefix is reused: only `ids` are evaluated
     return time.perf_counter_ns() - t
 
 
-def time_generation(model, first: int, ids: list[int]) -> int:
-    """Nanoseconds for len(ids) single-token decode steps after a 1-token prompt (untimed)."""
-    model.cache.clear()
-    model.prefill([first])
+def time_generation(session, context: list[int], ids: list[int]) -> int:
+    """Nanoseconds for len(ids) single-token decode steps after `context`."""
+    restore_context(session, context)
     t = time.perf_counter_ns()
     for tok in ids:
-        model.decode_one(tok)
+        session.decode(tok)
     return time.perf_counter_ns() - t
 
 
 def run_test(model, test: BenchTest, reps: int, rng: np.random.Generator, warmup: bool = True,
-             on_rep: Callable[[int], None] | None = None) -> list[int]:
-    """Sample times in ns of `reps` runs of `test` on `model` (after an untimed warm-up run)."""
+             on_rep: Callable[[int], None] | None = None, context: list[int] | None = None) -> list[int]:
+    """Sample times in ns of `reps` runs of `test` on the model's default session (after an untimed warm-up
+    run). `context`: the test.n_context token ids to hold before each timed part (random when None); pass the
+    same list to tests of the same depth and its evaluation is done once."""
+    from .model import N_BATCH
     n_vocab = model.config.n_vocab
     bos = _bos(model)
-    first = bos if bos is not None else int(rng.integers(0, n_vocab))
-    from .model import N_BATCH
-    if warmup:
+    session = model.session
+    if context is None:
+        context = _random_ids(rng, test.n_context, n_vocab, bos if bos is not None else int(rng.integers(0, n_vocab)))
+
+    def one_run(n: int) -> int:
         if test.n_prompt:
-            time_prompt(model, _random_ids(rng, min(test.n_prompt, N_BATCH), n_vocab, bos))
-        else:
-            time_generation(model, first, _random_ids(rng, min(test.n_gen, 2), n_vocab, None))
+            return time_prompt(session, context, _random_ids(rng, n, n_vocab, bos))
+        return time_generation(session, context, _random_ids(rng, n, n_vocab, None))
+
+    if warmup:
+        one_run(min(test.n_prompt, N_BATCH) if test.n_prompt else min(test.n_gen, 2))
     samples = []
     for i in range(reps):
         if on_rep:
             on_rep(i)
-        if test.n_prompt:
-            samples.append(time_prompt(model, _random_ids(rng, test.n_prompt, n_vocab, bos)))
-        else:
-            samples.append(time_generation(model, first, _random_ids(rng, test.n_gen, n_vocab, None)))
-    model.cache.clear()
+        samples.append(one_run(test.n_prompt or test.n_gen))
     return samples
 
 
@@ -192,7 +256,7 @@ def make_record(info: dict, test: BenchTest, n_threads: int, samples_ns: list[in
         "n_threads": n_threads,
         "n_prompt": test.n_prompt,
         "n_gen": test.n_gen,
-        "n_depth": 0,
+        "n_depth": test.n_depth,
         "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "avg_ns": round(mean(samples_ns)),
         "stddev_ns": round(stdev(samples_ns)),
@@ -205,7 +269,7 @@ def make_record(info: dict, test: BenchTest, n_threads: int, samples_ns: list[in
     }
 
 
-def _model_info(model, n_ctx: int) -> dict:
+def _model_info(model, n_ctx: int, type_k: str, type_v: str) -> dict:
     from . import __version__
     from .model import N_BATCH
     from .quant.formats import format_for
@@ -222,8 +286,8 @@ def _model_info(model, n_ctx: int) -> dict:
         "model_n_params": n_params,
         "n_batch": N_BATCH,
         "n_ctx": n_ctx,
-        "type_k": "f16",
-        "type_v": "f16",
+        "type_k": type_k,
+        "type_v": type_v,
         "use_mmap": True,
     }
 
@@ -235,47 +299,95 @@ def default_threads() -> int:
 
 def run_bench(paths: list[str], n_prompt: list[int], n_gen: list[int], threads: list[int] | None = None,
               reps: int = 5, n_ctx: int | None = None, warmup: bool = True, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> Iterator[dict]:
-    """Yield one record per (model, threads, test), in llama-bench's order: models outermost, then threads,
-    then the pp tests, then the tg tests. Each model is loaded once, with a context of at least
-    max(p) and max(n)+1 tokens (default max(p) + max(n) + 8)."""
-    from .gguf_file import GGUFFile
-    from .config import ModelConfig
+              progress: Callable[[str], None] | None = None, n_depth: list[int] = (0,),
+              type_k: list[str] = ("f16",), type_v: list[str] = ("f16",)) -> Iterator[dict]:
+    """Yield one record per (model, type_k, type_v, threads, depth, test), in llama-bench's order (models
+    outermost, then cache types, threads, depths, and within a depth the pp tests before the tg tests). The
+    model is loaded once per cache-type pair, with a context of at least every test's depth + p + n (default
+    max(d) + max(p) + max(n) + 8)."""
     from .model import Model, set_threads
     if reps < 1:
         raise EdgeLMError(f"-r: repetitions must be at least 1, got {reps}")
-    tests = plan_tests(n_prompt, n_gen)
+    n_depth, type_k, type_v = list(n_depth), list(type_k), list(type_v)
+    tests = plan_tests(n_prompt, n_gen, n_depth)
     threads = threads or [default_threads()]
-    need = max(max((t.n_prompt for t in tests), default=0), max((t.n_gen + 1 for t in tests), default=0))
+    n_ctx = _context_size(tests, n_ctx, n_prompt, n_gen, n_depth)
+    _check_threads(threads)
+    _check_models(paths, n_ctx, type_k, type_v)
+    say = progress or (lambda msg: None)
+    rng = np.random.default_rng(seed)
+    for path in paths:
+        for tk in type_k:
+            for tv in type_v:
+                t0 = time.perf_counter()
+                model = Model(path, n_ctx=n_ctx, cache_type_k=tk, cache_type_v=tv)
+                load_s = time.perf_counter() - t0
+                info = _model_info(model, n_ctx, tk, tv)
+                contexts = _ContextIds(model, rng)
+                for nt in threads:
+                    set_threads(nt)
+                    for test in tests:
+                        label = f"{os.path.basename(path)} {tk}/{tv} t={nt} {test.name}"
+                        say(f"{label}: warm-up")
+                        samples = run_test(model, test, reps, rng, warmup, context=contexts.get(test.n_context),
+                                           on_rep=lambda i: say(f"{label}: run {i + 1}/{reps}"))
+                        rec = make_record(info, test, nt, samples, load_s)
+                        say(f"{label}: {rec['avg_ts']:.2f} ± {rec['stddev_ts']:.2f} t/s")
+                        yield rec
+                del model
+
+
+class _ContextIds:
+    """The random tokens held before the timed part, one list per length for a loaded model: tests at the same
+    depth share it, so its evaluation is done once and then cut back to (restore_context)."""
+
+    def __init__(self, model, rng: np.random.Generator):
+        self.n_vocab, self.bos, self.rng, self.lists = model.config.n_vocab, _bos(model), rng, {}
+
+    def get(self, n: int) -> list[int]:
+        if n not in self.lists:
+            first = self.bos if self.bos is not None else int(self.rng.integers(0, self.n_vocab))
+            self.lists[n] = _random_ids(self.rng, n, self.n_vocab, first)
+        return self.lists[n]
+
+
+def _context_size(tests: list[BenchTest], n_ctx: int | None, n_prompt: list[int], n_gen: list[int],
+                  n_depth: list[int]) -> int:
+    need = max(t.n_ctx_needed for t in tests)
     if n_ctx is None:
-        n_ctx = max(n_prompt + [0]) + max(n_gen + [0]) + 8
-    elif n_ctx < need:
-        raise EdgeLMError(f"-c: a context of {n_ctx} tokens cannot hold the longest test ({need} tokens)")
+        return max(n_depth + [0]) + max(n_prompt + [0]) + max(n_gen + [0]) + 8
+    if n_ctx < need:
+        raise EdgeLMError(f"-c: a context of {n_ctx} tokens cannot hold the longest test ({need} tokens: "
+                          f"depth + prompt + generation)")
+    return n_ctx
+
+
+def _check_threads(threads: list[int]) -> None:
     cap = default_threads()
     for nt in threads:
         if nt < 1 or nt > cap:
             raise EdgeLMError(f"-t: {nt} threads asked, but this machine runs 1 to {cap} "
                               f"(NUMBA_NUM_THREADS={cap})")
-    for path in paths:   # every file checked before any timing: a bad last model fails at once
-        ModelConfig.from_gguf(GGUFFile(path))
-    say = progress or (lambda msg: None)
-    rng = np.random.default_rng(seed)
+
+
+def _check_models(paths: list[str], n_ctx: int, type_k: list[str], type_v: list[str]) -> None:
+    """Every file, and every cache type with its head size, checked before any timing: a bad last model or a
+    q4_0 cache on a head size it cannot store fails at once, not after minutes of output."""
+    from .config import ModelConfig
+    from .gguf_file import GGUFFile
+    from .runtime.kv_cache import cache_bytes
+    for tk in type_k:
+        parse_cache_type(tk, "-ctk")
+    for tv in type_v:
+        parse_cache_type(tv, "-ctv")
     for path in paths:
-        t0 = time.perf_counter()
-        model = Model(path, n_ctx=n_ctx)
-        load_s = time.perf_counter() - t0
-        info = _model_info(model, n_ctx)
-        for nt in threads:
-            set_threads(nt)
-            for test in tests:
-                label = f"{os.path.basename(path)} t={nt} {test.name}"
-                say(f"{label}: warm-up")
-                samples = run_test(model, test, reps, rng, warmup,
-                                   on_rep=lambda i: say(f"{label}: run {i + 1}/{reps}"))
-                rec = make_record(info, test, nt, samples, load_s)
-                say(f"{label}: {rec['avg_ts']:.2f} ± {rec['stddev_ts']:.2f} t/s")
-                yield rec
-        del model
+        cfg = ModelConfig.from_gguf(GGUFFile(path))
+        for tk in type_k:
+            for tv in type_v:
+                try:
+                    cache_bytes(cfg, n_ctx, tk, tv)
+                except EdgeLMError as e:
+                    raise type(e)(f"{path}: {e}") from None
 
 
 # -- output ------------------------------------------------------------------------------------------------------
@@ -287,21 +399,44 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-MD_COLUMNS = [("model", 30, "<"), ("size", 10, ">"), ("params", 10, ">"), ("threads", 7, ">"),
-              ("test", 13, ">"), ("t/s", 20, ">")]
+# (record field, header, width, alignment); widths as llama-bench's markdown_printer::get_field_width
+MD_COLUMNS = [("model", "model", 30, "<"), ("size", "size", 10, ">"), ("params", "params", 10, ">"),
+              ("n_threads", "threads", 7, ">"), ("test", "test", 15, ">"), ("t/s", "t/s", 20, ">")]
+MD_TYPE_COLUMNS = [("type_k", "type_k", 6, ">"), ("type_v", "type_v", 6, ">")]
 
 
-def md_header() -> str:
-    head = "| " + " | ".join(f"{name:{align}{w}}" for name, w, align in MD_COLUMNS) + " |"
-    rule = "| " + " | ".join(("-" * w) if a == "<" else ("-" * (w - 1) + ":") for _, w, a in MD_COLUMNS) + " |"
+def md_columns(type_k: list[str] = ("f16",), type_v: list[str] = ("f16",)) -> list[tuple]:
+    """The table's columns: type_k / type_v (before test) only when a list has several values or is not the
+    default f16 — llama-bench's rule (markdown_printer::print_header)."""
+    cols = MD_COLUMNS[:4]
+    for col, types in zip(MD_TYPE_COLUMNS, (type_k, type_v)):
+        if list(types) != ["f16"]:
+            cols.append(col)
+    return cols + MD_COLUMNS[4:]
+
+
+def md_header(columns: list[tuple] = MD_COLUMNS) -> str:
+    head = "| " + " | ".join(f"{name:{align}{w}}" for _, name, w, align in columns) + " |"
+    rule = "| " + " | ".join(("-" * w) if a == "<" else ("-" * (w - 1) + ":") for _, _, w, a in columns) + " |"
     return head + "\n" + rule
 
 
-def md_row(r: dict) -> str:
-    test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-    vals = [r["model_type"], _fmt_size(r["model_size"]), _fmt_params(r["model_n_params"]), str(r["n_threads"]),
-            test, f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"]
-    return "| " + " | ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(vals, MD_COLUMNS)) + " |"
+def _md_value(r: dict, field: str) -> str:
+    if field == "model":
+        return r["model_type"]
+    if field == "size":
+        return _fmt_size(r["model_size"])
+    if field == "params":
+        return _fmt_params(r["model_n_params"])
+    if field == "test":
+        return test_name(r["n_prompt"], r["n_gen"], r.get("n_depth", 0))
+    if field == "t/s":
+        return f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"
+    return str(r[field])
+
+
+def md_row(r: dict, columns: list[tuple] = MD_COLUMNS) -> str:
+    return "| " + " | ".join(f"{_md_value(r, f):{a}{w}}" for f, _, w, a in columns) + " |"
 
 
 def md_footer(records: list[dict]) -> str:
@@ -337,10 +472,10 @@ def csv_row(r: dict) -> str:
 class Printer:
     """Writes records to `out` as they arrive (md, csv, jsonl) or all at the end (json: one array)."""
 
-    def __init__(self, fmt: str, out=None):
+    def __init__(self, fmt: str, out=None, md_columns: list[tuple] = MD_COLUMNS):
         if fmt not in OUTPUT_FORMATS:
             raise EdgeLMError(f"-o: unknown output format {fmt!r} (choose from {', '.join(OUTPUT_FORMATS)})")
-        self.fmt, self.out, self.records = fmt, out or sys.stdout, []
+        self.fmt, self.out, self.records, self.md_columns = fmt, out or sys.stdout, [], md_columns
 
     def _w(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -349,12 +484,12 @@ class Printer:
     def add(self, r: dict) -> None:
         if not self.records:
             if self.fmt == "md":
-                self._w(md_header())
+                self._w(md_header(self.md_columns))
             elif self.fmt == "csv":
                 self._w(csv_line(CSV_FIELDS))
         self.records.append(r)
         if self.fmt == "md":
-            self._w(md_row(r))
+            self._w(md_row(r, self.md_columns))
         elif self.fmt == "csv":
             self._w(csv_row(r))
         elif self.fmt == "jsonl":

@@ -1,6 +1,7 @@
-"""Conversations: messages → the model's chat template → tokens → a streamed reply, with the KV cache reused
-across turns (Model.prefill keeps the longest common prefix) and the oldest turns dropped when the context
-fills up. Also the OpenAI-style `Model.chat` / `create_chat_completion` API.
+"""Conversations: messages → the model's chat template → tokens → a streamed reply, in a Session whose KV
+cache is reused across turns (the longest common prefix; and when the context fills up and the oldest turns
+are dropped, the turns after them, moved down by a context shift). Also the OpenAI-style `Model.chat` /
+`create_chat_completion` API.
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ class Conversation:
     """A chat with one model: holds the messages, renders them, and streams each reply."""
 
     def __init__(self, model, system: str | None = None, template: ChatTemplate | None = None,
-                 params: SamplingParams | None = None, max_tokens: int = -1, stop: list[str] | None = None):
+                 params: SamplingParams | None = None, max_tokens: int = -1, stop: list[str] | None = None,
+                 session=None):
         self.model = model
+        self.session = session or model.session
         self.template = template or template_for(model.gguf.metadata, model.tokenizer)
         self.system = system
         self.params = params or model.sampling_defaults
@@ -77,21 +80,9 @@ class Conversation:
         """Tokens of the prompt for the next turn, and the earlier turns it keeps: the oldest turns are
         dropped (never the system prompt) until it fits with room for a reply. Nothing is changed here, so a
         message that cannot fit (ContextError) or an abandoned turn leaves the conversation as it was."""
-        n_ctx = self.model.n_ctx
-        reserve = min(self.max_tokens if self.max_tokens > 0 else 256, n_ctx // 4)
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-        kept = list(self.messages)
-        while True:
-            ids = self.prompt_ids(sys_msg + kept + [user])
-            if len(ids) + reserve <= n_ctx or not kept:
-                break
-            # drop the oldest user turn together with its reply
-            cut = 2 if len(kept) >= 2 and kept[1]["role"] == "assistant" else 1
-            del kept[:cut]
-        if len(ids) >= n_ctx:
-            raise ContextError(f"the message needs {len(ids)} tokens with the system prompt, but the context holds "
-                               f"{n_ctx}: shorten it or raise the context size (-c)")
-        return ids, kept
+        ids, kept = fit_turns(self.model, self.template, sys_msg, self.messages + [user], self.max_tokens)
+        return ids, kept[:-1]
 
     # -- a turn ------------------------------------------------------------------------------------
     def send(self, text: str) -> Iterator[str]:
@@ -101,10 +92,13 @@ class Conversation:
         ids, kept = self._fit(user)
         dropped = len(self.messages) - len(kept)
         stats = GenerationStats()
-        budget = self.model.n_ctx - len(ids)
-        n = budget if self.max_tokens < 0 else min(self.max_tokens, budget)
+        # -1: until an end of turn or a full context; a longer max_tokens shifts the context (system stays)
+        n = self.model.n_ctx - len(ids) if self.max_tokens < 0 else self.max_tokens
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         pieces: list[str] = []
-        for piece in stream_tokens(self.model, ids, n, self.params, self.stop, stats):
+        for piece in stream_tokens(self.model, self.session, ids, n, self.params, self.stop, stats,
+                                   n_keep=system_prefix(self.model, self.template, sys_msg, ids),
+                                   reuse_by_shift=True):
             pieces.append(piece)
             yield piece
         reply = "".join(pieces)
@@ -113,10 +107,49 @@ class Conversation:
 
     def clear(self) -> None:
         self.messages.clear()
-        self.model.cache.clear()
+        self.session.clear()
 
 
-def render_ids(model, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def fit_turns(model, template: ChatTemplate, system: list[dict], turns: list[dict], max_tokens: int | None,
+              ) -> tuple[list[int], list[dict]]:
+    """(prompt ids, the turns kept): the oldest turns are dropped (the system messages never, the last turn
+    never) until the prompt fits with room for a reply. Nothing is changed, so a turn that cannot fit
+    (ContextError) leaves a conversation as it was."""
+    n_ctx = model.n_ctx
+    reserve = min(max_tokens if max_tokens and max_tokens > 0 else 256, n_ctx // 4)
+    kept = list(turns)
+    while True:         # (no turns at all: the system messages alone)
+        ids = render_ids(model, template, system + kept)
+        if len(ids) + reserve <= n_ctx or len(kept) <= 1:
+            break
+        # drop the oldest user turn together with its reply (templates want roles to alternate)
+        cut = 2 if len(kept) >= 3 and kept[1]["role"] == "assistant" else 1
+        del kept[:cut]
+    if len(ids) >= n_ctx:
+        raise ContextError(f"the message needs {len(ids)} tokens with the system prompt, but the context holds "
+                           f"{n_ctx}: shorten it or raise the context size (-c)")
+    return ids, kept
+
+
+def system_prefix(model, template: ChatTemplate, system: list[dict], ids: list[int]) -> int:
+    """Tokens at the start of `ids` that the system prompt alone renders to (a context shift keeps them);
+    without a system prompt, the BOS."""
+    tok = model.tokenizer
+    bos = 1 if tok.add_bos and ids and ids[0] == tok.bos_id else 0
+    if not system:
+        return bos
+    try:
+        alone = render_ids(model, template, system, add_generation_prompt=False)
+    except EdgeLMError:          # a template that wants a user turn: keep the BOS only
+        return bos
+    n = 0
+    while n < min(len(alone), len(ids)) and alone[n] == ids[n]:
+        n += 1
+    return max(n, bos)
+
+
+def render_ids(model, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True,
+               ) -> list[int]:
     """Render and tokenize a chat prompt: control tokens only where the template writes them, every string of
     the messages tokenized as plain text; exactly one BOS when the model wants one (templates usually write
     bos_token themselves, llama.cpp would add a second)."""
@@ -265,23 +298,28 @@ def _check_messages(messages) -> list[dict]:
 
 
 def chat_completion(model, messages, stream: bool = False, max_tokens: int | None = None,
-                    stop: str | list[str] | None = None, chat_template: str | None = None, **sampling):
-    """OpenAI-style chat completion (the shape llama-cpp-python's create_chat_completion returns)."""
+                    stop: str | list[str] | None = None, chat_template: str | None = None, session=None,
+                    **sampling):
+    """OpenAI-style chat completion (the shape llama-cpp-python's create_chat_completion returns). Messages
+    that do not fit lose their oldest turns (leading system messages stay); a max_tokens beyond the room
+    left shifts the context."""
     msgs = _check_messages(messages)
+    session = session or model.session
     template = template_for(model.gguf.metadata, model.tokenizer, chat_template)
-    ids = render_ids(model, template, msgs)
-    if len(ids) >= model.n_ctx:
-        raise ContextError(f"the messages need {len(ids)} tokens, the context holds {model.n_ctx}")
-    budget = model.n_ctx - len(ids)
-    n = budget if max_tokens is None or max_tokens < 0 else min(max_tokens, budget)
+    n_sys = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
+    system, turns = msgs[:n_sys], msgs[n_sys:]
+    ids, _ = fit_turns(model, template, system, turns, max_tokens)
+    n = model.n_ctx - len(ids) if max_tokens is None or max_tokens < 0 else max_tokens
     params = model.sampling_defaults.with_(**sampling)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stats = model.last_stats = GenerationStats()
-    pieces = stream_tokens(model, ids, n, params, stops, stats)
+    # the exact prefix is reused; not a shifted run (its K/V carry dropped context): same messages, same reply
+    pieces = stream_tokens(model, session, ids, n, params, stops, stats,
+                           n_keep=system_prefix(model, template, system, ids))
     meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.path)
 
     def finish():
-        return "length" if stats.stop_reason in ("length", "context") else "stop"
+        return "length" if stats.stop_reason == "length" else "stop"
 
     def usage():
         return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,

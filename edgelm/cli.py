@@ -7,6 +7,8 @@ import resource
 import sys
 import time
 
+from typing import Callable
+
 import click
 
 from . import catalog
@@ -116,10 +118,10 @@ def _param(name: str, metavar: str) -> _Checked:
     return _Checked(lambda v, opt: parse_value(name, v, opt), metavar)
 
 
-def _load(model, ctx=None, threads=None):
+def _load(model, ctx=None, threads=None, cache_type_k="f16", cache_type_v="f16"):
     from .model import Model
     path = catalog.resolve(model, progress=_progress)
-    return Model(str(path), n_ctx=ctx, threads=threads)
+    return Model(str(path), n_ctx=ctx, threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
 
 
 _DEFAULT_HELP = "[default: the model's recommendation, else {}]"
@@ -165,6 +167,37 @@ _stats_option = click.option("--stats", "-v", "--verbose", "stats", is_flag=True
                              help="Speed after each reply (generate: on stderr, with peak memory); "
                                   "-v/--verbose is the same flag.")
 
+
+class _LazyHelpOption(click.Option):
+    """An option whose help text is built when --help is printed: the cache types come from the runtime's
+    storage table, which is not imported (with Numba) just to parse a command line."""
+
+    def __init__(self, *args, help_text, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help_text = help_text
+
+    def get_help_record(self, ctx):
+        self.help = self.help_text()
+        return super().get_help_record(ctx)
+
+
+def _cache_types_help(which: str, many: bool = False) -> Callable[[], str]:
+    def text() -> str:
+        from .runtime.kv_cache import CACHE_TYPES
+        return (f"KV cache storage for {which}{', comma-separated' if many else ''}: "
+                f"{', '.join(CACHE_TYPES)} (llama.cpp's names and block layouts).")
+    return text
+
+
+def _cache_type_option(short: str, long: str, which: str, many: bool = False):
+    """-ctk/--cache-type-k and -ctv/--cache-type-v: llama.cpp's flags; bench takes comma lists."""
+    from .bench import parse_cache_type, parse_cache_types
+    metavar = "TYPE[,TYPE...]" if many else "TYPE"
+    return click.option(short, long, long[2:].replace("-", "_"), cls=_LazyHelpOption,
+                        type=_Checked(parse_cache_types if many else parse_cache_type, metavar), default="f16",
+                        show_default=True, help_text=_cache_types_help(which, many))
+
+
 # a base model (no chat template in the file) seldom writes an end-of-turn token: without a cap one reply runs
 # until the context is full (minutes on a CPU)
 BASE_MODEL_REPLY_CAP = 256
@@ -179,17 +212,19 @@ BASE_MODEL_REPLY_CAP = 256
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @_ctx_option
 @_threads_option
+@_cache_type_option("-ctk", "--cache-type-k", "keys")
+@_cache_type_option("-ctv", "--cache-type-v", "values")
 @click.option("--special", is_flag=True, help="Parse control tokens written in the prompt (e.g. <|im_start|>).")
 @_stats_option
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
-             threads, special, stats):
+             threads, cache_type_k, cache_type_v, special, stats):
     """Continue PROMPT (read from stdin when omitted) and stream the text."""
     if prompt is None:
         if sys.stdin.isatty():
             raise EdgeLMError("no prompt: pass it as an argument or on standard input")
         prompt = sys.stdin.read()
     t0 = time.perf_counter()
-    m = _load(model, ctx, threads)
+    m = _load(model, ctx, threads, cache_type_k, cache_type_v)
     load_s = time.perf_counter() - t0
     pieces = m.generate(clean_text(prompt), max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                         min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
@@ -221,16 +256,18 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
 @click.option("--stop", multiple=True, help="Also end a reply at this text (repeatable).")
 @_ctx_option
 @_threads_option
+@_cache_type_option("-ctk", "--cache-type-k", "keys")
+@_cache_type_option("-ctv", "--cache-type-v", "values")
 @click.option("--chat-template", default=None,
               help="Built-in template name (chatml, gemma, llama3, phi3) or a Jinja file; default: the model's own.")
 @_stats_option
 def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, n_predict, stop, ctx,
-         threads, chat_template, stats):
+         threads, cache_type_k, cache_type_v, chat_template, stats):
     """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
     from .chat import Conversation
     from .chat_template import template_for
     from .repl import Repl
-    m = _load(model, ctx, threads)
+    m = _load(model, ctx, threads, cache_type_k, cache_type_v)
     template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
     flags = _sampling_flags(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, seed=seed)
@@ -264,21 +301,25 @@ def _base_model_note(name: str, capped: bool) -> str:
               help="Add the tensor table (sorted by layer).")
 @click.option("--compare", is_flag=True,
               help="Architecture cards side by side, one column per file (the default for several files).")
-def info(models, as_json, tensors, compare):
+@click.option("-c", "--ctx", type=_param("n_ctx", "N"), default=None,
+              help="Context size for the KV-cache sizes  [default: the model's training context]")
+def info(models, as_json, tensors, compare, ctx):
     """Describe GGUF models: the architecture card, quant types and tokenizer (--tensors: every tensor too).
 
     With several files (or --compare): their architecture cards side by side (attention, positions, norms,
-    activation, MLP or MoE, sliding window, biases, tying, bits/weight, KV cache), derived from each file."""
+    activation, MLP or MoE, sliding window, biases, tying, bits/weight, KV cache), derived from each file.
+    KV-cache sizes (per token and for the whole context, per cache type) are what the runtime allocates:
+    sliding-window layers hold a ring of window + batch slots."""
     from .describe import architecture_facts, column_header, describe, format_card, format_compare, format_text
     paths = [str(catalog.resolve(m, pull_missing=False) if catalog.lookup(m) else m) for m in models]
     if compare or len(paths) > 1:
-        facts = [architecture_facts(p) for p in paths]
+        facts = [architecture_facts(p, n_ctx=ctx) for p in paths]
         if as_json:
             click.echo(json.dumps([{**f, "card": format_card(f)} for f in facts], indent=2))
         else:
             click.echo(format_compare([(column_header(p), format_card(f)) for p, f in zip(paths, facts)]))
         return
-    d = describe(paths[0], with_tensors=tensors)
+    d = describe(paths[0], with_tensors=tensors, n_ctx=ctx)
     click.echo(json.dumps(d, indent=2) if as_json else format_text(d))
 
 
@@ -365,26 +406,33 @@ def _output_format(v, opt):
               help="Prompt sizes to process (ppN tests); 0 = none.")
 @click.option("-n", "--n-gen", "n_gen", type=_int_list(0), default="128", show_default=True,
               help="Generation lengths (tgN tests); 0 = none.")
+@click.option("-d", "--n-depth", "n_depth", type=_int_list(0), default="0", show_default=True,
+              help="Tokens already in the cache before each test (llama-bench's depth; its evaluation is not "
+                   "timed), comma-separated.")
+@_cache_type_option("-ctk", "--cache-type-k", "keys", many=True)
+@_cache_type_option("-ctv", "--cache-type-v", "values", many=True)
 @click.option("-t", "--threads", type=_int_list(1), default=None,
               help="Thread counts, comma-separated  [default: all cores]")
 @click.option("-r", "--repetitions", "reps", type=_one_int(1), default="5", show_default=True,
               help="Timed runs per test (after one untimed warm-up run).")
 @click.option("-c", "--ctx", type=_one_int(1), default=None,
-              help="Context size  [default: max(-p) + max(-n) + 8]")
+              help="Context size  [default: max(-d) + max(-p) + max(-n) + 8]")
 @click.option("-o", "--output", "fmt", type=_Checked(_output_format, "md|json|jsonl|csv"), default="md",
               show_default=True, help="md table, one JSON array, JSON lines, or CSV.")
 @click.option("--no-warmup", is_flag=True, help="Skip the untimed warm-up run of each test.")
 @click.option("--progress", is_flag=True, help="A line on stderr per run (by default only on a terminal).")
-def bench(models, n_prompt, n_gen, threads, reps, ctx, fmt, no_warmup, progress):
+def bench(models, n_prompt, n_gen, n_depth, cache_type_k, cache_type_v, threads, reps, ctx, fmt, no_warmup,
+          progress):
     """Measure prompt processing (ppN) and generation (tgN) speed in tokens/s, like llama-bench.
 
-    ppN evaluates N random token ids from an empty cache; tgN runs N single-token decode steps after a
-    1-token prompt. Tokenization and sampling are not timed. Comma lists give every combination, e.g.
-    `edgelm bench -m smollm2-135m,gemma3-270m -p 128,512 -n 128 -t 1,2 -o json`.
+    ppN evaluates N random token ids; tgN runs N single-token decode steps (after a 1-token prompt at depth 0).
+    With -d D both start with D random tokens already in the cache ("pp512 @ d4096"). Tokenization, sampling
+    and the depth fill are not timed. Comma lists give every combination, e.g.
+    `edgelm bench -m smollm2-135m,gemma3-270m -p 128,512 -n 128 -d 0,4096 -ctk f16,q8_0 -t 1,2 -o json`.
     """
-    from .bench import Printer, parse_models, run_bench
+    from .bench import Printer, md_columns, parse_models, run_bench
     paths = [str(catalog.resolve(m, progress=_progress)) for m in parse_models(models)]
-    printer = Printer(fmt)
+    printer = Printer(fmt, md_columns=md_columns(cache_type_k, cache_type_v))
     live = sys.stderr.isatty()
     width = [0]
 
@@ -399,7 +447,8 @@ def bench(models, n_prompt, n_gen, threads, reps, ctx, fmt, no_warmup, progress)
 
     try:
         for rec in run_bench(paths, n_prompt, n_gen, threads, reps, ctx, warmup=not no_warmup,
-                             progress=say if (live or progress) else None):
+                             progress=say if (live or progress) else None, n_depth=n_depth,
+                             type_k=cache_type_k, type_v=cache_type_v):
             if live and width[0]:   # clear the progress line before a table row lands on a shared terminal
                 sys.stderr.write("\r" + " " * width[0] + "\r")
                 sys.stderr.flush()

@@ -121,11 +121,6 @@ class ModelConfig:
             raise GGUFError(f"{g.path}: key {arch}.rope.scaling.original_context_length must be >= 1 with YaRN")
         return cfg
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer."""
-        return self.n_layer * self.n_head_kv * (self.head_dim + self.head_dim_v) * 2
-
 
 # Upper bounds far above any real model (the largest today: 128k-wide embeddings, a few hundred layers, 10M
 # contexts) that keep every size computed from them finite and every loop over them short.

@@ -6,6 +6,9 @@ size), derived from the file the way the decoder (arch/decoder.py) will run it: 
 ArchTraits hard-codes per family, and which tensors are present. Weights are not read, except the tiny
 rope_freqs vector (its largest factor is the Llama-3 scaling factor) and, when output.weight and
 token_embd.weight have the same type and shape, their bytes (to tell a stored copy of a tied matrix).
+
+KV-cache sizes come from runtime.kv_cache.cache_bytes, the arithmetic of the factory the runtime allocates
+with (make_caches): a sliding-window layer holds a ring of window + batch slots, not the whole context.
 """
 from __future__ import annotations
 
@@ -16,12 +19,39 @@ from collections import Counter
 import numpy as np
 
 from .config import ModelConfig
-from .errors import EdgeLMError, GGUFError
+from .errors import EdgeLMError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 from .quant.formats import dequantize, format_for
 
 
-def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> dict:
+def kv_cache_sizes(cfg: ModelConfig, n_ctx: int | None = None) -> dict:
+    """What the KV cache costs for a context of n_ctx tokens (default: the training context), per storage
+    type (K and V of the same type; f16, the default, first): bytes at n_ctx, and bytes per token of context
+    — the global layers only, since a sliding-window layer's ring stops growing at window + batch slots
+    (`sliding_bytes`: what the sliding layers hold at n_ctx). A type the head size cannot be stored in (q8_0 / q4_0 need a multiple of 32) is None."""
+    from .runtime.kv_cache import CACHE_TYPES, cache_bytes, cache_bytes_per_token
+    n_ctx = cfg.n_ctx_train if n_ctx is None else n_ctx
+    n_sliding = sum(1 for il in range(cfg.n_layer) if cfg.is_swa_layer(il))
+    types: dict[str, dict | None] = {}
+    # the default first, then the compact types, f32 (for exact comparisons) last
+    for name in sorted(CACHE_TYPES, key=lambda t: (t != "f16", t == "f32")):
+        try:
+            total, per_token = cache_bytes(cfg, n_ctx, name, name), cache_bytes_per_token(cfg, name, name)
+        except UnsupportedError:
+            types[name] = None
+            continue
+        types[name] = {"bytes": total, "bytes_per_token": per_token, "sliding_bytes": total - per_token * n_ctx}
+    ring_slots = None
+    if n_sliding:    # a context of 1 holds one slot in every layer: the bytes of a slot, by the factory's sums
+        slot = cache_bytes(cfg, 1) // cfg.n_layer
+        ring_slots = types["f16"]["sliding_bytes"] // (slot * n_sliding)
+    return {"n_ctx": n_ctx, "global_layers": cfg.n_layer - n_sliding, "sliding_layers": n_sliding,
+            "sliding_window": cfg.sliding_window if n_sliding else 0, "ring_slots": ring_slots, "types": types}
+
+
+def describe(path: str, with_tensors: bool = True, with_card: bool = True, n_ctx: int | None = None) -> dict:
+    """What `edgelm info` shows of one file, as JSON-ready values; KV-cache sizes for n_ctx tokens (default:
+    the training context)."""
     g = GGUFFile(path)
     cfg = ModelConfig.from_gguf(g)     # validates every hyper-parameter against the tensors first
     _check_tensor_shapes(g, cfg)
@@ -54,7 +84,7 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> di
         "head_dim": cfg.head_dim,
         "rope_base": cfg.rope_base,
         "sliding_window": cfg.sliding_window or None,
-        "kv_bytes_per_token_f16": cfg.kv_bytes_per_token,
+        "kv_cache": kv_cache_sizes(cfg, n_ctx),
         "tokenizer": {
             "model": meta.get("tokenizer.ggml.model"),
             "pre": meta.get("tokenizer.ggml.pre"),
@@ -66,7 +96,7 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True) -> di
         },
     }
     if with_card:
-        d["card"] = format_card(architecture_facts(g, cfg))
+        d["card"] = format_card(architecture_facts(g, cfg, n_ctx))
     if with_tensors:
         d["tensors"] = [{"name": t.name, "type": format_for(t.ggml_type).name, "shape": list(t.shape),
                          "bytes": t.n_bytes} for t in g.tensors.values()]
@@ -112,8 +142,9 @@ def _hyperparameter_lines(d: dict) -> list[str]:
         f"  layers         {d['layers']}   embedding {d['embedding']}   feed-forward {d['feed_forward']}",
         f"  attention      {attn}: {d['heads']} heads, {d['kv_heads']} KV heads, head dim {d['head_dim']}"
         + (f", sliding window {d['sliding_window']}" if d["sliding_window"] else ""),
-        f"  context        {d['context_length']} tokens   RoPE base {d['rope_base']:g}   "
-        f"KV cache {d['kv_bytes_per_token_f16'] / 1024:.1f} KiB/token (f16)",
+        f"  context        {d['context_length']} tokens   RoPE base {d['rope_base']:g}",
+        f"  KV cache       {_kv_per_token_text(d['kv_cache'])}",
+        f"                 {_kv_total_text(d['kv_cache'])}",
     ]
 
 
@@ -180,20 +211,22 @@ def _rope_freqs_factor(g: GGUFFile) -> float | None:
     return float(v.max())
 
 
-def architecture_facts(model: str | os.PathLike | GGUFFile, cfg: ModelConfig | None = None) -> dict:
-    """The architecture card as values (JSON-serialisable): see format_card for the rows."""
+def architecture_facts(model: str | os.PathLike | GGUFFile, cfg: ModelConfig | None = None,
+                       n_ctx: int | None = None) -> dict:
+    """The architecture card as values (JSON-serialisable): see format_card for the rows. KV-cache sizes are
+    for n_ctx tokens (default: the training context)."""
     g = model if isinstance(model, GGUFFile) else GGUFFile(model)
     try:
         cfg = cfg or ModelConfig.from_gguf(g)
         _check_tensor_shapes(g, cfg)
-        return _facts(g, cfg)
+        return _facts(g, cfg, n_ctx)
     except EdgeLMError as e:
         raise e if g.path in str(e) else type(e)(f"{g.path}: {e}") from None
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
         raise GGUFError(f"{g.path}: cannot derive the architecture card ({type(e).__name__}: {e})") from None
 
 
-def _facts(g: GGUFFile, cfg: ModelConfig) -> dict:
+def _facts(g: GGUFFile, cfg: ModelConfig, n_ctx_kv: int | None = None) -> dict:
     t = cfg.traits
     blk = _blocks(g)
     L = cfg.n_layer
@@ -249,13 +282,8 @@ def _facts(g: GGUFFile, cfg: ModelConfig) -> dict:
         tensor_bytes += ti.n_bytes
     dominant, dominant_params = params_by_type.most_common(1)[0] if params_by_type else ("-", 0)
 
-    kv_token = cfg.kv_bytes_per_token
-    kv_layer_token = kv_token // max(L, 1)
     n_ctx = cfg.n_ctx_train
-    windowed = None
-    if swa_layers:
-        w = min(cfg.sliding_window, n_ctx)
-        windowed = kv_layer_token * ((L - len(swa_layers)) * n_ctx + len(swa_layers) * w)
+    kv = kv_cache_sizes(cfg, n_ctx_kv)
 
     return {
         "file": os.path.abspath(g.path),
@@ -307,9 +335,10 @@ def _facts(g: GGUFFile, cfg: ModelConfig) -> dict:
         "bits_per_weight": 8 * tensor_bytes / max(g.n_params, 1),
         "dominant_type": dominant,
         "dominant_share": dominant_params / max(g.n_params, 1),
-        "kv_bytes_per_token": kv_token,
-        "kv_bytes_full_context": kv_token * n_ctx,
-        "kv_bytes_windowed": windowed,
+        "kv_cache": kv,
+        # the default cache type's numbers, for scripts that read one figure
+        "kv_bytes_per_token": kv["types"]["f16"]["bytes_per_token"],
+        "kv_bytes_full_context": kv["types"]["f16"]["bytes"],
     }
 
 
@@ -389,9 +418,6 @@ def format_card(f: dict) -> dict[str, str]:
     if f["output_is_stored_copy"]:
         tied += " (output.weight is a stored copy)"
 
-    kv_full = f"{_bytes(f['kv_bytes_full_context'])} at {f['context_length']}"
-    if f["kv_bytes_windowed"] is not None:
-        kv_full += f" (windowed: {_bytes(f['kv_bytes_windowed'])})"
 
     return {
         "name": f["name"] or "—",
@@ -413,9 +439,36 @@ def format_card(f: dict) -> dict[str, str]:
         "tied embeddings": tied,
         "context length": str(f["context_length"]),
         "weights": f"{f['bits_per_weight']:.2f} bits/weight, mostly {f['dominant_type']} ({f['dominant_share']:.0%})",
-        "KV cache / token": f"{_bytes(f['kv_bytes_per_token'])} (f16)",
-        "KV cache, full ctx": kv_full,
+        "KV cache / token": _kv_per_token_text(f["kv_cache"]),
+        "KV cache, full ctx": _kv_total_text(f["kv_cache"]),
     }
+
+
+def _per_type(kv: dict, key: str) -> str:
+    """"22.5 KiB (f16), 12.0 KiB (q8_0), ..."; types the head size cannot be stored in named once at the end."""
+    parts = [f"{_bytes(v[key])} ({name})" for name, v in kv["types"].items() if v is not None]
+    missing = [name for name, v in kv["types"].items() if v is None]
+    if missing:
+        parts.append(f"no {'/'.join(missing)} (head size not a multiple of 32)")
+    return ", ".join(parts)
+
+
+def _kv_per_token_text(kv: dict) -> str:
+    """Bytes one more token of context costs; with sliding-window layers, only the global layers grow."""
+    text = _per_type(kv, "bytes_per_token")
+    n_global, n_sliding = kv["global_layers"], kv["sliding_layers"]
+    if n_sliding:
+        rings = f"{kv['ring_slots']} slots each ({_bytes(kv['types']['f16']['sliding_bytes'])} f16)"
+        if n_global:
+            text += (f"; {n_global} global layer{'s' if n_global > 1 else ''} only, the {n_sliding} sliding "
+                     f"ones keep {rings}")
+        else:
+            text += f"; every layer sliding: {rings}"
+    return text
+
+
+def _kv_total_text(kv: dict) -> str:
+    return f"{_per_type(kv, 'bytes')} at {kv['n_ctx']} tokens"
 
 
 def architecture_card(path: str | os.PathLike) -> dict[str, str]:

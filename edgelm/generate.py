@@ -19,7 +19,8 @@ class GenerationStats:
     prompt_s: float = 0.0
     generated_tokens: int = 0
     generate_s: float = 0.0
-    stop_reason: str = ""           # "eos" | "stop" | "length" | "context"
+    stop_reason: str = ""           # "eos" | "stop" | "length"
+    context_shifts: int = 0         # times the full context was shifted to go on
 
     @property
     def prompt_tps(self) -> float:
@@ -89,13 +90,19 @@ class StopMatcher:
         return out
 
 
-def stream_tokens(model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-                  stop: list[str] | None, stats: GenerationStats) -> Iterator[str]:
-    """Evaluate the prompt (reusing the cached prefix), then sample up to max_tokens, yielding text pieces."""
+def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+                  stop: list[str] | None, stats: GenerationStats, n_keep: int = 0,
+                  reuse_by_shift: bool = False) -> Iterator[str]:
+    """Evaluate the prompt in `session` (reusing the cached prefix; with reuse_by_shift also a cached run after
+    a dropped one), then sample up to max_tokens, yielding text pieces. A full context is shifted: the first
+    n_keep tokens stay, the older half of the rest goes (llama.cpp examples/main: n_discard = (n_past -
+    n_keep) / 2)."""
     sampler = Sampler(params)
     end_ids = model.tokenizer.end_of_generation_ids
     t0 = time.perf_counter()
-    logits = model.prefill(prompt_ids, stats)
+    if reuse_by_shift:
+        session.shift_to_reuse(prompt_ids)
+    logits = session.prefill(prompt_ids, stats)
     stats.prompt_s = time.perf_counter() - t0
     stats.prompt_tokens = len(prompt_ids)
     history = list(prompt_ids)
@@ -121,13 +128,20 @@ def stream_tokens(model, prompt_ids: list[int], max_tokens: int, params: Samplin
                 return
             if i + 1 == max_tokens:
                 break
-            if model.cache.n_tokens >= model.n_ctx:
-                stats.stop_reason = "context"
-                break
-            logits = model.decode_one(tok)
+            if session.n_tokens >= session.n_ctx:
+                shift_context(session, n_keep)
+                stats.context_shifts += 1
+            logits = session.decode(tok)
         tail, _ = stopper.push(text.flush())
         tail += stopper.flush()
         if tail:
             yield tail
     finally:
         stats.generate_s = time.perf_counter() - t1
+
+
+def shift_context(session, n_keep: int) -> None:
+    """Make room in a full context: keep the first n_keep tokens, drop the older half of the rest."""
+    n_keep = min(n_keep, session.n_tokens - 2)
+    n_discard = (session.n_tokens - n_keep) // 2
+    session.shift(n_keep, n_discard)

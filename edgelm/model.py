@@ -1,4 +1,5 @@
-"""Model: a loaded GGUF with its tokenizer, decoder and KV cache — the object behind the public API."""
+"""Model: a loaded GGUF with its tokenizer and decoder (shared, read-only) and a default Session (its KV caches)
+— the object behind the public API."""
 from __future__ import annotations
 
 import logging
@@ -13,19 +14,23 @@ from .config import ModelConfig
 from .errors import ContextError, EdgeLMError
 from .generate import GenerationStats, clean_text, stream_tokens
 from .gguf_file import GGUFFile
-from .kv_cache import KVCache
+from .runtime.kv_cache import cache_bytes
+from .runtime.session import N_BATCH, Session
 from .sampling import SamplingParams, check_value, recommended_sampling
 from .tokenizer import tokenizer_from_metadata
 
 log = logging.getLogger(__name__)
 
 DEFAULT_N_CTX = 4096   # like llama.cpp's CLI default; capped by the model's training context
-N_BATCH = 512          # prompt tokens evaluated per forward pass (llama.cpp's default n_batch)
 
 
 class Model:
-    def __init__(self, path: str, n_ctx: int | None = None, threads: int | None = None, kv_type: str = "f16"):
-        """kv_type "f32" keeps the cache in float32 (exact comparisons with transformers; twice the memory)."""
+    def __init__(self, path: str, n_ctx: int | None = None, threads: int | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", kv_type: str | None = None):
+        """cache_type_k / cache_type_v: KV storage, "f16" (default), "q8_0", "q4_0" or "f32" (exact comparisons
+        with transformers; twice the memory). kv_type, the older keyword, sets both."""
+        if kv_type is not None:
+            cache_type_k = cache_type_v = kv_type
         if n_ctx is not None:
             n_ctx = check_value("n_ctx", n_ctx, "context size (n_ctx / -c)")
         if threads is not None:
@@ -34,7 +39,8 @@ class Model:
         self.gguf = GGUFFile(path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train))
-        self._check_context(kv_type)
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        self._check_context()
         self.tokenizer = tokenizer_from_metadata(self.gguf.metadata)
         self.decoder = Decoder(self.config, self.gguf)
         limit = self.decoder.max_positions
@@ -42,16 +48,35 @@ class Model:
             raise ContextError(f"{path}: context size {self.n_ctx} is larger than the {limit} positions the model "
                                f"has learned embeddings for")
         self.sampling_defaults, self.sampling_sources = self._recommended_sampling()
-        self.cache = KVCache(self.config, self.n_ctx, kv_type)
+        self.session = self.create_session()      # the default: generate/chat without session= use it
         self.last_stats: GenerationStats | None = None
         from .warmup import ensure_compiled
         ensure_compiled(self)
 
-    def _check_context(self, kv_type: str) -> None:
+    def create_session(self) -> Session:
+        """A new, empty conversation state (its own KV caches and work buffers) on this model."""
+        return Session(self)
+
+    def load_session(self, path) -> Session:
+        """A session saved by Session.save(), checked against this model (file, cache types, context)."""
+        return Session.load(self, path)
+
+    @property
+    def cache(self) -> Session:
+        """The default session (older name: it was the KV cache)."""
+        return self.session
+
+    @property
+    def kv_type(self) -> str:
+        k, v = self.cache_type_k, self.cache_type_v
+        return k if k == v else f"{k}/{v}"
+
+    def _check_context(self) -> None:
         """Refuse, before anything is allocated, a context whose KV cache could never fit in this machine's
-        memory; warn about one longer than the model was trained on (it works, but quality drops past it)."""
-        per_token = self.config.kv_bytes_per_token * (2 if kv_type == "f32" else 1)   # f16 per the config
-        need, total = per_token * self.n_ctx, psutil.virtual_memory().total
+        memory (an unknown cache type is refused here too); warn about one longer than the model was trained
+        on (it works, but quality drops past it)."""
+        need = cache_bytes(self.config, self.n_ctx, self.cache_type_k, self.cache_type_v, N_BATCH)
+        total = psutil.virtual_memory().total
         if need > total:
             raise ContextError(f"{self.path}: a context of {self.n_ctx} tokens needs a {need / 2**30:,.1f} GiB KV "
                                f"cache, more than this machine's {total / 2**30:.1f} GiB of memory (use a smaller -c / "
@@ -76,67 +101,30 @@ class Model:
         return self.tokenizer.decode(ids)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _check_ids(self, ids) -> np.ndarray:
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.ndim != 1 or len(arr) == 0:
-            raise EdgeLMError("expected a non-empty list of token ids")
-        bad = arr[(arr < 0) | (arr >= self.config.n_vocab)]
-        if len(bad):
-            raise EdgeLMError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.n_vocab - 1})")
-        return arr
-
-    def _fits(self, n: int) -> None:
-        if n > self.n_ctx:
-            raise ContextError(f"{n} tokens do not fit in the context of {self.n_ctx} tokens "
-                               f"(raise it with n_ctx / -c, up to the model's {self.config.n_ctx_train})")
-
-    def eval_logits(self, ids) -> np.ndarray:
+    def eval_logits(self, ids, session: Session | None = None) -> np.ndarray:
         """Next-token logits at every position of `ids`, evaluated from an empty context: (len, n_vocab) f32."""
-        arr = self._check_ids(ids)
-        self._fits(len(arr))
-        self.cache.clear()
-        out = np.empty((len(arr), self.config.n_vocab), np.float32)
-        for s in range(0, len(arr), N_BATCH):
-            chunk = arr[s:s + N_BATCH]
-            out[s:s + len(chunk)] = self.decoder.forward(chunk, s, self.cache, all_logits=True)
-            self.cache.tokens.extend(int(t) for t in chunk)
-        return out
+        return (session or self.session).eval_logits(ids)
 
-    def prefill(self, ids: list[int], stats: GenerationStats | None = None) -> np.ndarray:
-        """Make the cache hold `ids`, evaluating only what is not already cached; returns the last logits."""
-        arr = self._check_ids(ids)
-        self._fits(len(arr))
-        cached = self.cache.tokens
-        keep = 0
-        while keep < min(len(cached), len(arr)) and cached[keep] == arr[keep]:
-            keep += 1
-        keep = min(keep, len(arr) - 1)     # the last token is always evaluated: we need its logits
-        self.cache.truncate(keep)
-        logits = None
-        for s in range(keep, len(arr), N_BATCH):
-            chunk = arr[s:s + N_BATCH]
-            logits = self.decoder.forward(chunk, s, self.cache)
-            self.cache.tokens.extend(int(t) for t in chunk)
-        if stats is not None:
-            stats.prompt_evaluated = len(arr) - keep
-        return logits
+    def prefill(self, ids: list[int], stats: GenerationStats | None = None,
+                session: Session | None = None) -> np.ndarray:
+        """Make the session hold `ids`, evaluating only what is not already held; returns the last logits."""
+        return (session or self.session).prefill(ids, stats).copy()
 
-    def decode_one(self, token: int) -> np.ndarray:
-        pos = self.cache.n_tokens
-        self._fits(pos + 1)
-        logits = self.decoder.forward(np.array([token], dtype=np.int64), pos, self.cache)
-        self.cache.tokens.append(int(token))
-        return logits
+    def decode_one(self, token: int, session: Session | None = None) -> np.ndarray:
+        return (session or self.session).decode(token).copy()
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repeat_penalty: float | None = None, repeat_last_n: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, stream: bool = False, add_special: bool = True,
-                 parse_special: bool = False) -> str | Iterator[str]:
+                 parse_special: bool = False, session: Session | None = None,
+                 n_keep: int | None = None) -> str | Iterator[str]:
         """Continue `prompt` (text, or token ids). Returns the text, or with stream=True an iterator of pieces.
         Sampling keywords left at None take the model's defaults (`sampling_defaults`); max_tokens -1 runs
-        until an end token or a full context. Statistics of the last call are in `model.last_stats`."""
+        until an end token or a full context. Asked for more tokens than the context holds, the context is
+        shifted (llama.cpp's context shift): the first n_keep tokens stay (default: the BOS, if the model adds
+        one), the older half of the rest is dropped. Statistics of the last call are in `model.last_stats`."""
         max_tokens = check_value("num_predict", max_tokens, "max_tokens")
         params = self.sampling_defaults.with_(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -147,25 +135,33 @@ class Model:
             ids = list(prompt)
         if not ids:
             raise EdgeLMError("the prompt is empty (and the model adds no BOS token)")
-        self._fits(len(ids))
+        session = session or self.session
+        session.check_fits(len(ids))
+        if n_keep is None:
+            n_keep = 1 if self.tokenizer.add_bos and ids[0] == self.tokenizer.bos_id else 0
+        if isinstance(n_keep, bool) or not isinstance(n_keep, (int, np.integer)) or not 0 <= n_keep < self.n_ctx:
+            raise EdgeLMError(f"n_keep: expected an integer from 0 to {self.n_ctx - 1} (the context size - 1), "
+                              f"got {n_keep!r}")
         if max_tokens < 0:
             max_tokens = self.n_ctx - len(ids)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = self.last_stats = GenerationStats()
-        pieces = stream_tokens(self, ids, max_tokens, params, stops, stats)
+        pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = None,
-             stop: str | list[str] | None = None, chat_template: str | None = None, **sampling):
+             stop: str | list[str] | None = None, chat_template: str | None = None, session: Session | None = None,
+             **sampling):
         """OpenAI-style chat completion: `r.choices[0].message.content`, `r.usage`; with stream=True an iterator
         of chunks whose `choices[0].delta` carries the text. Sampling keywords as in generate(); those left out
-        (or None) take the model's defaults."""
+        (or None) take the model's defaults. Messages that do not fit the context lose their oldest turns (the
+        system message stays); a reply longer than the room left shifts the context."""
         from .chat import chat_completion
         if max_tokens is not None:
             check_value("num_predict", max_tokens, "max_tokens")
         self.sampling_defaults.with_(**sampling)    # a bad keyword is a one-line error before any work
         return chat_completion(self, messages, stream=stream, max_tokens=max_tokens, stop=stop,
-                               chat_template=chat_template, **sampling)
+                               chat_template=chat_template, session=session or self.session, **sampling)
 
     create_chat_completion = chat   # the name llama-cpp-python users know
 

@@ -257,6 +257,7 @@ class Repl:
             c = m.config
             self.write(f"  model          {self.model_name}\n  architecture   {c.arch}\n"
                        f"  parameters     {m.n_params / 1e6:.1f} M\n  context        {m.n_ctx} (trained {c.n_ctx_train})\n"
+                       f"  KV cache       {self._cache_info()}\n"
                        f"  template       {conv.template.name}\n")
         elif what == "template":
             self.write(conv.template.source + "\n")
@@ -270,6 +271,13 @@ class Repl:
             self.write((conv.system or "(no system message)") + "\n")
         else:
             self.write("Usage: /show info|template|parameters|system\n")
+
+    def _cache_info(self) -> str:
+        """The conversation's KV cache: storage types, bytes allocated (sliding layers: their rings), tokens held."""
+        session = getattr(self.conv, "session", None) or self.conv.model.session
+        allocated = sum(c.nbytes for c in session.caches)
+        return (f"K {session.cache_type_k}, V {session.cache_type_v}: {allocated / 2**20:.1f} MiB for "
+                f"{session.n_ctx} tokens, {session.n_tokens} held")
 
     def _save(self, path: str) -> None:
         data = {"model": self.model_name, "system": self.conv.system, "messages": self.conv.messages,

@@ -17,7 +17,8 @@ import numpy as np
 
 log = logging.getLogger("edgelm")
 
-_KERNEL_SOURCES = ("quant/formats.py", "quant/kernels.py", "arch/attention.py", "arch/blocks.py")
+_KERNEL_SOURCES = ("quant/formats.py", "quant/kernels.py", "arch/attention.py", "arch/blocks.py",
+                   "runtime/kv_cache.py")
 
 
 def _marker() -> Path:
@@ -45,19 +46,30 @@ def ensure_compiled(model) -> None:
     if marker.exists():
         return
     log.warning("compiling edgelm's kernels for this machine (first run only, this takes a little while)...")
-    dec, cache = model.decoder, model.cache
-    cache.clear()
-    ids = np.array([1, 2], dtype=np.int64) % model.config.n_vocab
-    dec.forward(ids, 0, cache)                 # prefill path: matmul, BLAS attention
-    dec.forward(ids[:1], 2, cache)             # decode path: matvec, serial decode attention
-    from .arch import attention
-    q = np.zeros((1, model.config.n_head, model.config.head_dim), np.float32)
-    attention._decode_parallel(q[0], cache.k[0], cache.v[0], 3, 0, np.float32(1.0), attention._NO_SINKS,
-                               np.empty((model.config.n_head, model.config.head_dim_v), np.float32))
-    cache.clear()
+    s = model.create_session()                 # a scratch session: the model's default one stays untouched
+    ids = [1 % model.config.n_vocab, 2 % model.config.n_vocab]
+    s.prefill(ids)                             # prefill path: matmul, blockwise attention
+    s.decode(ids[0])                           # decode path: matvec, serial decode attention
+    _compile_parallel_decode_attention(s)
+    del s
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     except OSError:
         pass
     log.warning("compiled; later runs start fast")
+
+
+def _compile_parallel_decode_attention(session) -> None:
+    """Long contexts switch decode attention to its parallel kernel: compile it now too, by calling a layer's
+    attend with the serial threshold at 0 (a short context never gets there on its own)."""
+    from .arch import attention
+    threshold = attention.SERIAL_MAX_WORK
+    cfg = session.model.config
+    q = np.zeros((1, cfg.n_head, cfg.head_dim), np.float32)
+    out = np.empty((1, cfg.n_head, cfg.head_dim_v), np.float32)
+    try:
+        attention.SERIAL_MAX_WORK = -1
+        session.caches[0].attend(q, 2, 1.0, None, out)
+    finally:
+        attention.SERIAL_MAX_WORK = threshold

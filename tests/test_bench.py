@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from edgelm.bench import model_desc, parse_int_list, plan_tests, stdev
+from edgelm.bench import model_desc, parse_cache_types, parse_int_list, plan_tests, stdev
 from edgelm.errors import EdgeLMError
 from edgelm.gguf_file import GGUFFile
 
@@ -120,6 +120,11 @@ def _one_line_error(p, *needles):
     (["-c", "8"], "-c"),          # too small for pp16
     (["-p", "0", "-n", "0"], "nothing to measure"),
     (["-o", "xml"], "-o"),
+    (["-d", "-1"], "-d"),
+    (["-d", "1.5"], "-d"),
+    (["-d", "64", "-c", "70"], "-c"),   # 64 + 16 does not fit
+    (["-ctk", "q5_1"], "-ctk"),
+    (["-ctv", "f16,bogus"], "-ctv"),
 ])
 def test_bad_arguments(smollm2_path, args, needle):
     base = {"-p": "16", "-n": "4", "-r": "1"}
@@ -143,6 +148,11 @@ def test_helpers(gemma_path):
     with pytest.raises(EdgeLMError, match="-p"):
         parse_int_list("1.5", "-p")
     assert [t.name for t in plan_tests([0, 512], [128, 0])] == ["pp512", "tg128"]
+    assert [t.name for t in plan_tests([512], [128], [0, 4096])] == ["pp512", "tg128", "pp512 @ d4096",
+                                                                     "tg128 @ d4096"]
+    assert parse_cache_types("f16, Q8_0,f16", "-ctk") == ["f16", "q8_0"]
+    with pytest.raises(EdgeLMError, match="-ctk: KV cache type bf16 is not supported here"):
+        parse_cache_types("bf16", "-ctk")
     assert stdev([1.0]) == 0 and stdev([1.0, 3.0]) == pytest.approx(statistics.stdev([1.0, 3.0]))
     g = GGUFFile(gemma_path)
     assert model_desc(g.metadata, "gemma3", 268_098_176, []) == "gemma3 270M Q4_K - Medium"

@@ -258,13 +258,13 @@ def test_count_larger_than_the_file_is_refused_before_reading(seeds, tmp_path):
 def test_kv_cache_larger_than_memory_is_a_context_error(seeds, tmp_path):
     from edgelm.config import ModelConfig
     from edgelm.gguf_file import GGUFFile
-    from edgelm.kv_cache import KVCache
+    from edgelm.runtime.kv_cache import make_caches
     p = tmp_path / "llama.gguf"
     p.write_bytes(seeds["llama"])
     cfg = ModelConfig.from_gguf(GGUFFile(p))
     with pytest.raises(ContextError, match=r"needs \d+\.\d GiB, more than"):
-        KVCache(cfg, 2**40)
-    assert KVCache(cfg, 64).k.shape == (2, 2, 64, 8)
+        make_caches(cfg, 2**40)
+    assert make_caches(cfg, 64)[0].k.shape == (2, 64, 8)
 
 
 def test_garbage_weights_end_in_one_clear_error(seeds, tmp_path):

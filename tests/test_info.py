@@ -80,7 +80,6 @@ def test_card_matches_hf_config(tiny, name):
     assert f["group_size"] == heads // kv
     assert (f["layers"], f["embedding"], f["vocab"]) == (L, d, c["vocab_size"])
     assert f["context_length"] == (c.get("max_position_embeddings") or c.get("n_positions"))
-    assert f["kv_bytes_per_token"] == L * kv * 2 * head_dim * 2
 
     # sliding window: layer_types when given, else sliding_window on every layer (Mistral)
     if c.get("layer_types"):
@@ -91,6 +90,10 @@ def test_card_matches_hf_config(tiny, name):
         n_swa = 0
     assert f["sliding_layers"] == n_swa
     assert f["sliding_window"] == (c["sliding_window"] if n_swa else 0)
+    # one more token of context costs f16 K and V on the global layers only (a sliding layer keeps a ring)
+    assert f["kv_bytes_per_token"] == (L - n_swa) * kv * 2 * head_dim * 2
+    assert f["kv_cache"]["types"]["f32"]["bytes_per_token"] == 2 * f["kv_bytes_per_token"]
+    assert (f["kv_cache"]["types"]["q8_0"] is None) == (head_dim % 32 != 0)
 
     # mixture of experts
     n_exp = c.get("num_local_experts") or c.get("num_experts") or 0
@@ -194,12 +197,18 @@ def test_smollm2_card(smollm2_path):
     assert f["parameters"] == f["parameters_active"] and 134e6 < f["parameters"] < 135e6
     assert f["dominant_type"] == "Q4_1"
     assert f["kv_bytes_per_token"] == 30 * 3 * 128 * 2 == 23040
+    # q8_0 rows: 64 / 32 blocks of 34 bytes; q4_0: of 18 bytes (llama.cpp's block_q8_0 / block_q4_0)
+    per_token = {"f16": 23040, "q8_0": 30 * 3 * 2 * 68, "q4_0": 30 * 3 * 2 * 36, "f32": 46080}
+    types = f["kv_cache"]["types"]
+    assert list(types) == ["f16", "q8_0", "q4_0", "f32"]
+    for name, b in per_token.items():
+        assert types[name] == {"bytes_per_token": b, "bytes": b * 8192, "sliding_bytes": 0}
     card = format_card(f)
     assert card["attention"] == "GQA (group size 3)"
     assert card["heads / KV / head dim"] == "9 / 3 / 64"
     assert card["positions"] == "RoPE base 100000"
-    assert card["KV cache / token"] == "22.5 KiB (f16)"
-    assert card["KV cache, full ctx"] == "180.0 MiB at 8192"
+    assert card["KV cache / token"] == "22.5 KiB (f16), 12.0 KiB (q8_0), 6.3 KiB (q4_0), 45.0 KiB (f32)"
+    assert card["KV cache, full ctx"] == "180.0 MiB (f16), 95.6 MiB (q8_0), 50.6 MiB (q4_0), 360.0 MiB (f32) at 8192 tokens"
 
 
 def test_gemma3_card(gemma_path):
@@ -212,10 +221,18 @@ def test_gemma3_card(gemma_path):
     assert (f["rope_base"], f["rope_base_local"]) == (1e6, 10000.0)
     assert f["tied_embeddings"] and f["context_length"] == 32768
     assert f["dominant_type"] == "Q8_0"          # the 262144 x 640 embedding is most of the weights
-    # every 6th layer global: 3 layers hold the full context, 15 only their window
-    per_layer = 1 * 256 * 2 * 2
-    assert f["kv_bytes_windowed"] == per_layer * (3 * 32768 + 15 * 512)
+    # every 6th layer global: 3 layers hold the full context, 15 a ring of window + batch - 1 = 1023 slots
+    # (llama.cpp sizes its SWA cache by window + ubatch too: src/llama-kv-cache-iswa.cpp)
+    kv = f["kv_cache"]
+    assert (kv["global_layers"], kv["sliding_layers"], kv["ring_slots"]) == (3, 15, 512 + 511)
+    for name, row in (("f16", 256 * 2), ("q8_0", 8 * 34), ("q4_0", 8 * 18), ("f32", 256 * 4)):
+        per_slot = 1 * 2 * row                      # 1 KV head, K and V
+        assert kv["types"][name]["bytes"] == per_slot * (3 * 32768 + 15 * 1023)
+        assert kv["types"][name]["bytes_per_token"] == per_slot * 3
+    assert f["kv_bytes_full_context"] == kv["types"]["f16"]["bytes"]
     card = format_card(f)
+    assert card["KV cache, full ctx"].startswith("111.0 MiB (f16), 59.0 MiB (q8_0)")
+    assert "15 sliding ones keep 1023 slots each" in card["KV cache / token"]
     assert card["attention"] == "MQA"
     assert card["sliding window"] == "512 on 15 of 18 layers (5 local : 1 global)"
     assert card["norm"] == "RMSNorm, sandwich (pre + post), QK-norm"

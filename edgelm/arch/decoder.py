@@ -16,12 +16,10 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile
-from ..kv_cache import KVCache
 from ..quant import kernels
 from ..quant.kernels import FusedLinear
 from ..quant.formats import dequantize
-from .attention import attention
-from .blocks import ACTIVATIONS, GLUS, NORMS, Rope, rope_frequencies
+from .blocks import ACTIVATIONS, GLUS, NORMS, Rope, _rms_norm_rows, rope_frequencies
 
 
 @dataclass
@@ -122,9 +120,10 @@ class Weights:
 class GatedMLP:
     """down(glu(gate(x), up(x))): SwiGLU, GeGLU, gpt-oss's clamped SwiGLU."""
 
-    def __init__(self, gate: Linear, up: Linear, down: Linear, glu):
+    def __init__(self, gate: Linear, up: Linear, down: Linear, glu_name: str):
         self.gate_up = Fused([gate, up])
-        self.down, self.glu = down, glu
+        self.down, self.glu_name, self.glu = down, glu_name, GLUS[glu_name]
+        self.n_ff = gate.n_out
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         g, u = self.gate_up(h)
@@ -134,8 +133,8 @@ class GatedMLP:
 class PlainMLP:
     """down(act(up(x))): GPT-2."""
 
-    def __init__(self, up: Linear, down: Linear, act):
-        self.up, self.down, self.act = up, down, act
+    def __init__(self, up: Linear, down: Linear, act_name: str):
+        self.up, self.down, self.act_name, self.act = up, down, act_name, ACTIVATIONS[act_name]
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         return self.down(self.act(self.up(h)))
@@ -206,6 +205,7 @@ class Decoder:
         self.embed_scale = np.float32(math.sqrt(d)) if t.embed_scale_sqrt_dim else None
         self.pos_embd = w.linear("position_embd", d, cfg.n_ctx_train) if t.positions == "learned" else None
         self.norm = NORMS[t.norm]
+        self.eps = np.float32(cfg.norm_eps)
         ropes = self._ropes(cfg, w) if t.positions == "rope" else {}
         self.layers = [self._layer(cfg, w, f"blk.{il}.", il, ropes) for il in range(cfg.n_layer)]
 
@@ -261,66 +261,180 @@ class Decoder:
             gates = w.experts(p + "ffn_gate_exps", d, ff, E)
             ups = w.experts(p + "ffn_up_exps", d, ff, E)
             downs = w.experts(p + "ffn_down_exps", ff, d, E)
-            glu = GLUS[t.activation]
             return MoE(w.linear(p + "ffn_gate_inp", d, E),
-                       [GatedMLP(g_, u_, dn, glu) for g_, u_, dn in zip(gates, ups, downs)],
+                       [GatedMLP(g_, u_, dn, t.activation) for g_, u_, dn in zip(gates, ups, downs)],
                        cfg.n_expert_used, t.moe_routing, cfg.expert_weights_norm)
         ff = cfg.n_ff
         down = w.linear(p + "ffn_down", ff, d)
         if not t.gated_mlp:
-            return PlainMLP(w.linear(p + "ffn_up", d, ff), down, ACTIVATIONS[t.activation])
+            return PlainMLP(w.linear(p + "ffn_up", d, ff), down, t.activation)
         if w.has(p + "ffn_gate.weight"):
             gate, up = w.linear(p + "ffn_gate", d, ff), w.linear(p + "ffn_up", d, ff)
         else:                                          # Phi-3 gate_up_proj: gate rows first, then up
             gate, up = w.linear(p + "ffn_up", d, 2 * ff).split([ff, ff])
-        return GatedMLP(gate, up, down, GLUS[t.activation])
+        return GatedMLP(gate, up, down, t.activation)
 
     @property
     def max_positions(self) -> int | None:
         """Learned position embeddings end somewhere; RoPE does not."""
         return None if self.pos_embd is None else self.pos_embd.n_out
 
-    def forward(self, ids: np.ndarray, pos0: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Evaluate tokens `ids` at positions pos0.. (their K/V go into the cache).
-        Returns logits (T, n_vocab) if all_logits, else the last position's (n_vocab,)."""
+    def workspace(self, n_rows: int) -> "Workspace":
+        """Work arrays for one forward pass of up to n_rows tokens (a session keeps one for decode, one for
+        prompt batches)."""
+        return Workspace(self.cfg, n_rows)
+
+    def forward(self, ids: np.ndarray, pos0: int, session, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens `ids` at positions pos0.. ; their K/V go into the session's per-layer caches.
+        Returns logits (T, n_vocab) if all_logits (a new array), else the last position's (n_vocab,): a view
+        of the session's work buffer, valid until its next forward pass.
+
+        Intermediate values live in the session's preallocated work arrays (llama2.c's RunState); what still
+        allocates per call: positions and RoPE cos/sin, RoPE's temporaries, LayerNorm (GPT-2), MoE routing,
+        gpt-oss' clamped SwiGLU."""
         cfg = self.cfg
-        eps = cfg.norm_eps
-        norm = self.norm
         T = len(ids)
-        x = self.tok_embd.rows(np.asarray(ids, dtype=np.int64))
+        ws = session.workspace(T)
+        with np.errstate(over="ignore"):              # exp overflow in GELU/SiLU is +inf -> 0/x, as intended
+            x = self._embed(ids, pos0, ws)
+            positions = np.arange(pos0, pos0 + T)
+            cos_sin = {}
+            for L, cache in zip(self.layers, session.caches):
+                h = self._apply_norm(x, L.attn_norm, ws.h[:T])
+                q, k, v = self._qkv(L, h, ws, T)
+                if L.rope is not None:
+                    if L.rope not in cos_sin:
+                        cos_sin[L.rope] = L.rope.cos_sin(positions)
+                    cos, sin = cos_sin[L.rope]
+                    L.rope.apply(q, cos, sin)
+                    L.rope.apply(k, cos, sin)
+                cache.store(pos0, k, v)
+                a = ws.attn[:T]
+                cache.attend(q, pos0, cfg.attn_scale, L.sinks, a)
+                o = _linear_into(L.wo, a.reshape(T, cfg.n_head * cfg.head_dim_v), ws.o[:T])
+                if L.post_attn_norm is not None:
+                    o = self._apply_norm(o, (L.post_attn_norm, None), o)
+                x += o
+                f = self._run_mlp(L, self._apply_norm(x, L.ffn_norm, ws.h[:T]), ws, T)
+                if L.post_ffn_norm is not None:
+                    f = self._apply_norm(f, (L.post_ffn_norm, None), f)
+                x += f
+            return self._logits(x, ws, all_logits)
+
+    def _embed(self, ids, pos0: int, ws: "Workspace") -> np.ndarray:
+        T = len(ids)
+        x = kernels.get_rows(self.tok_embd.raw, self.tok_embd.ggml_type, self.tok_embd.n_in, ids, out=ws.x[:T])
         if self.embed_scale is not None:
             x *= self.embed_scale
-        positions = np.arange(pos0, pos0 + T)
         if self.pos_embd is not None:
-            x += self.pos_embd.rows(positions)
-        cos_sin = {}
-        for il, L in enumerate(self.layers):
-            h = norm(x, L.attn_norm[0], L.attn_norm[1], eps)
-            q, k, v = L.qkv(h)
-            q = q.reshape(T, cfg.n_head, cfg.head_dim)
-            k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
-            v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
-            if L.q_norm is not None:
-                q = norm(q, L.q_norm, None, eps)
-                k = norm(k, L.k_norm, None, eps)
-            if L.rope is not None:
-                if L.rope not in cos_sin:
-                    cos_sin[L.rope] = L.rope.cos_sin(positions)
-                cos, sin = cos_sin[L.rope]
-                L.rope.apply(q, cos, sin)
-                L.rope.apply(k, cos, sin)
-            cache.store(il, pos0, k, v)
-            a = attention(q, cache.k[il], cache.v[il], pos0, L.window, cfg.attn_scale, L.sinks)
-            o = L.wo(a.reshape(T, cfg.n_head * cfg.head_dim_v))
-            if L.post_attn_norm is not None:
-                o = norm(o, L.post_attn_norm, None, eps)
-            x += o
-            f = L.mlp(norm(x, L.ffn_norm[0], L.ffn_norm[1], eps))
-            if L.post_ffn_norm is not None:
-                f = norm(f, L.post_ffn_norm, None, eps)
-            x += f
-        if not all_logits:
-            x = x[-1:]
-        x = norm(x, self.output_norm[0], self.output_norm[1], eps)
-        logits = self.output(np.ascontiguousarray(x))
-        return logits if all_logits else logits[0]
+            x += self.pos_embd.rows(np.arange(pos0, pos0 + T))
+        return x
+
+    def _apply_norm(self, x: np.ndarray, weights: tuple, out: np.ndarray) -> np.ndarray:
+        """The model's norm of x (T, n) written into out (may be x itself)."""
+        w, b = weights
+        if self.cfg.traits.norm == "rms":       # the compiled row kernel of blocks.rms_norm, into `out`
+            _rms_norm_rows(x, w, self.eps, out)
+        else:
+            out[...] = self.norm(x, w, b, self.cfg.norm_eps)
+        return out
+
+    def _qkv(self, L: Layer, h: np.ndarray, ws: "Workspace", T: int):
+        """q (T, n_head, hd), k (T, n_kv, hd), v (T, n_kv, hd_v): views of the work buffer, biased, q/k-normed."""
+        cfg = self.cfg
+        q, k, v = _fused_into(L.qkv, h, ws.qkv[:T * L.qkv.kernel.n_total])
+        q = q.reshape(T, cfg.n_head, cfg.head_dim)
+        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
+        if L.q_norm is not None:                # per head, in place
+            _rms_norm_rows(q.reshape(-1, cfg.head_dim), L.q_norm, self.eps, q.reshape(-1, cfg.head_dim))
+            _rms_norm_rows(k.reshape(-1, cfg.head_dim), L.k_norm, self.eps, k.reshape(-1, cfg.head_dim))
+        return q, k, v
+
+    def _run_mlp(self, L: Layer, h: np.ndarray, ws: "Workspace", T: int) -> np.ndarray:
+        mlp = L.mlp
+        if isinstance(mlp, GatedMLP) and mlp.glu_name in _GLU_INTO:
+            g, u = _fused_into(mlp.gate_up, h, ws.ffn[:2 * T * mlp.n_ff])
+            _GLU_INTO[mlp.glu_name](g, ws.ffn_tmp[:T])
+            g *= u
+            return _linear_into(mlp.down, g, ws.f[:T])
+        if isinstance(mlp, PlainMLP) and mlp.act_name in _GLU_INTO:
+            up = _linear_into(mlp.up, h, ws.ffn[:T * mlp.up.n_out].reshape(T, mlp.up.n_out))
+            _GLU_INTO[mlp.act_name](up, ws.ffn_tmp[:T])
+            return _linear_into(mlp.down, up, ws.f[:T])
+        return mlp(h)                            # MoE, clamped SwiGLU: their own (allocating) code
+
+    def _logits(self, x: np.ndarray, ws: "Workspace", all_logits: bool) -> np.ndarray:
+        if all_logits:
+            h = self._apply_norm(x, self.output_norm, ws.h[:len(x)])
+            return self.output(h)
+        h = self._apply_norm(x[-1:], self.output_norm, ws.h[:1])
+        return kernels.matvec(self.output.raw, self.output.ggml_type, self.output.n_out, self.output.n_in,
+                              h[0], out=ws.logits)
+
+
+def _fused_into(f: Fused, x: np.ndarray, out: np.ndarray) -> list[np.ndarray]:
+    """Fused matrices of x (T, n_in) into the flat buffer `out`; views (T, n_out_j), biases added in place."""
+    ys = f.kernel.matmul(x, out=out)
+    for y, b in zip(ys, f.biases):
+        if b is not None:
+            y += b
+    return ys
+
+
+def _linear_into(lin: Linear, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """lin(x) for x (T, n_in) written into out (T, n_out)."""
+    if x.shape[0] == 1:
+        kernels.matvec(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x[0], out=out[0])
+    else:
+        kernels.matmul(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x, out=out)
+    if lin.bias is not None:
+        out += lin.bias
+    return out
+
+
+# In-place forms of blocks.silu and blocks.gelu_tanh: the same float32 operations in the same order (so the
+# same bits), written into the gate buffer with one scratch array instead of a temporary per operation.
+def _silu_into(g: np.ndarray, tmp: np.ndarray) -> None:
+    np.negative(g, out=tmp)
+    np.exp(tmp, out=tmp)
+    np.add(np.float32(1.0), tmp, out=tmp)
+    np.divide(g, tmp, out=g)
+
+
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_tanh_into(g: np.ndarray, tmp: np.ndarray) -> None:
+    np.multiply(np.float32(0.044715), g, out=tmp)
+    tmp *= g
+    tmp *= g
+    np.add(g, tmp, out=tmp)
+    np.multiply(_GELU_C, tmp, out=tmp)
+    np.multiply(np.float32(-2.0), tmp, out=tmp)
+    np.exp(tmp, out=tmp)
+    np.add(np.float32(1.0), tmp, out=tmp)
+    np.divide(g, tmp, out=g)
+
+
+_GLU_INTO = {"silu": _silu_into, "gelu_tanh": _gelu_tanh_into}
+
+
+class Workspace:
+    """The work arrays of one forward pass of up to n_rows tokens (llama2.c's RunState): the decoder writes
+    every intermediate of a layer into these instead of allocating it. Row slices [:T] stay contiguous."""
+
+    def __init__(self, cfg: ModelConfig, n_rows: int):
+        d, f32 = cfg.n_embd, np.float32
+        n_ff = max(cfg.n_ff or 0, cfg.n_ff_exp or 0, 1)
+        n_qkv = (cfg.n_head + cfg.n_head_kv) * cfg.head_dim + cfg.n_head_kv * cfg.head_dim_v
+        self.n_rows = n_rows
+        self.x = np.zeros((n_rows, d), f32)                  # the residual stream
+        self.h = np.zeros((n_rows, d), f32)                  # normed input of attention / MLP / output
+        self.qkv = np.zeros(n_rows * n_qkv, f32)             # q, k, v of the fused projection
+        self.attn = np.zeros((n_rows, cfg.n_head, cfg.head_dim_v), f32)
+        self.o = np.zeros((n_rows, d), f32)                  # attention output projection
+        self.ffn = np.zeros(2 * n_rows * n_ff, f32)          # gate and up (or up alone)
+        self.ffn_tmp = np.zeros((n_rows, n_ff), f32)         # scratch of the activation
+        self.f = np.zeros((n_rows, d), f32)                  # MLP output
+        self.logits = np.zeros(cfg.n_vocab, f32)             # the last position's logits

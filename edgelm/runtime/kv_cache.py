@@ -193,6 +193,11 @@ class LayerCache:
     def oldest_kept(self, end: int) -> int:
         return max(0, end - self.capacity)
 
+    def can_resume_at(self, n: int, end: int) -> bool:
+        """Can evaluation continue at position n (a reused prefix of n tokens, a truncation) when positions
+        < end have been stored?  The query at n must still find every key its window reaches."""
+        return n <= end and self._first_needed(n) >= self.oldest_kept(end)
+
     def _first_needed(self, pos0: int) -> int:
         """The oldest key the query at pos0 attends to."""
         return max(0, pos0 - self.window + 1) if self.window else 0
@@ -210,6 +215,9 @@ class LayerCache:
                out: np.ndarray) -> None:
         """out (T, n_head, hd_v) = causal (and windowed) attention of q (T, n_head, hd) at positions
         pos0..pos0+T-1 over the stored keys; `sinks` (n_head,) join each softmax's denominator only."""
+        if out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError("attend() writes into a C-contiguous float32 `out` (T, n_head, hd_v)")
+        q = np.ascontiguousarray(q, np.float32)
         sk, sv = self._sk, self._sv
         args = (sk.ggml_type, self.k, sk.row_bytes(self.head_dim), sv.ggml_type, self.v,
                 sv.row_bytes(self.head_dim_v), self.capacity, pos0, self.window, np.float32(scale),
