@@ -14,8 +14,8 @@ from typing import Iterator
 
 from .chat_template import ChatTemplate, template_for
 from .errors import ContextError, EdgeLMError
-from .generate import GenerationStats, stream_tokens
-from .sampling import SamplingParams
+from .runtime.generate import GenerationStats, stream_tokens
+from .runtime.sampling import SamplingParams
 from .tokenizer.base import ATTR_CONTROL, ATTR_UNKNOWN
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import click
 
 from . import catalog
 from .errors import EdgeLMError
-from .generate import clean_text
-from .sampling import SamplingParams, parse_value
+from .runtime.generate import clean_text
+from .runtime.sampling import SamplingParams, parse_value
 
 _D = SamplingParams()
 
@@ -191,7 +191,7 @@ def _cache_types_help(which: str, many: bool = False) -> Callable[[], str]:
 
 def _cache_type_option(short: str, long: str, which: str, many: bool = False):
     """-ctk/--cache-type-k and -ctv/--cache-type-v: llama.cpp's flags; bench takes comma lists."""
-    from .bench import parse_cache_type, parse_cache_types
+    from .commands.bench import parse_cache_type, parse_cache_types
     metavar = "TYPE[,TYPE...]" if many else "TYPE"
     return click.option(short, long, long[2:].replace("-", "_"), cls=_LazyHelpOption,
                         type=_Checked(parse_cache_types if many else parse_cache_type, metavar), default="f16",
@@ -266,7 +266,7 @@ def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n
     """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
     from .chat import Conversation
     from .chat_template import template_for
-    from .repl import Repl
+    from .commands.repl import Repl
     m = _load(model, ctx, threads, cache_type_k, cache_type_v)
     template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
     flags = _sampling_flags(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
@@ -310,7 +310,7 @@ def info(models, as_json, tensors, compare, ctx):
     activation, MLP or MoE, sliding window, biases, tying, bits/weight, KV cache), derived from each file.
     KV-cache sizes (per token and for the whole context, per cache type) are what the runtime allocates:
     sliding-window layers hold a ring of window + batch slots."""
-    from .describe import architecture_facts, column_header, describe, format_card, format_compare, format_text
+    from .commands.describe import architecture_facts, column_header, describe, format_card, format_compare, format_text
     paths = [str(catalog.resolve(m, pull_missing=False) if catalog.lookup(m) else m) for m in models]
     if compare or len(paths) > 1:
         facts = [architecture_facts(p, n_ctx=ctx) for p in paths]
@@ -332,7 +332,7 @@ def quantize(src, dst, qtype):
 
     Blocks equal gguf.quants' reference quantizer byte for byte; 1-D tensors (norms, biases) keep their type.
     DST is written under a temporary name and appears only when complete."""
-    from .quantize import quantize_file
+    from .commands.quantize import quantize_file
     if os.path.abspath(src) == os.path.abspath(dst):
         raise EdgeLMError(f"{dst}: the output must be a different file from the input")
     with _TensorProgress("quantizing") as step:
@@ -354,7 +354,7 @@ def convert(hf_dir, outfile, outtype):
     Supports GPT-2, Llama (incl. Llama 3, Mistral, SmolLM), Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 3 and
     gpt-oss. Names and layouts follow llama.cpp's converter, so llama.cpp loads the result too. OUTFILE is
     written under a temporary name and appears only when complete."""
-    from .convert import convert as convert_checkpoint
+    from .commands.convert import convert as convert_checkpoint
     with _TensorProgress("converting") as step:
         info = convert_checkpoint(hf_dir, outfile, outtype, progress=step)
     click.echo(f"{outfile}: {info['arch']}, {info['tensors']} tensors, {outtype}", err=True)
@@ -377,12 +377,12 @@ def pull(name, list_):
 
 
 def _int_list(minimum):
-    from .bench import parse_int_list
+    from .commands.bench import parse_int_list
     return _Checked(lambda v, opt: parse_int_list(v, opt, minimum), "N[,N...]")
 
 
 def _one_int(minimum):
-    from .bench import parse_int_list
+    from .commands.bench import parse_int_list
 
     def parse(v, opt):
         vals = parse_int_list(v, opt, minimum)
@@ -393,7 +393,7 @@ def _one_int(minimum):
 
 
 def _output_format(v, opt):
-    from .bench import OUTPUT_FORMATS
+    from .commands.bench import OUTPUT_FORMATS
     if v not in OUTPUT_FORMATS:
         raise EdgeLMError(f"{opt}: unknown output format {v!r} (choose from {', '.join(OUTPUT_FORMATS)})")
     return v
@@ -430,7 +430,7 @@ def bench(models, n_prompt, n_gen, n_depth, cache_type_k, cache_type_v, threads,
     and the depth fill are not timed. Comma lists give every combination, e.g.
     `edgelm bench -m smollm2-135m,gemma3-270m -p 128,512 -n 128 -d 0,4096 -ctk f16,q8_0 -t 1,2 -o json`.
     """
-    from .bench import Printer, md_columns, parse_models, run_bench
+    from .commands.bench import Printer, md_columns, parse_models, run_bench
     paths = [str(catalog.resolve(m, progress=_progress)) for m in parse_models(models)]
     printer = Printer(fmt, md_columns=md_columns(cache_type_k, cache_type_v))
     live = sys.stderr.isatty()

@@ -12,11 +12,11 @@ import psutil
 from .arch.decoder import Decoder
 from .config import ModelConfig
 from .errors import ContextError, EdgeLMError
-from .generate import GenerationStats, clean_text, stream_tokens
+from .runtime.generate import GenerationStats, clean_text, stream_tokens
 from .gguf_file import GGUFFile
 from .runtime.kv_cache import cache_bytes
 from .runtime.session import N_BATCH, Session
-from .sampling import SamplingParams, check_value, recommended_sampling
+from .runtime.sampling import SamplingParams, check_value, recommended_sampling
 from .tokenizer import tokenizer_from_metadata
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from edgelm.bench import model_desc, parse_cache_types, parse_int_list, plan_tests, stdev
+from edgelm.commands.bench import model_desc, parse_cache_types, parse_int_list, plan_tests, stdev
 from edgelm.errors import EdgeLMError
 from edgelm.gguf_file import GGUFFile
 

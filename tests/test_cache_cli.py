@@ -10,9 +10,10 @@ import types
 import numpy as np
 import pytest
 
-from edgelm import bench, cli
+from edgelm import cli
+from edgelm.commands import bench
 from edgelm.config import ModelConfig
-from edgelm.describe import architecture_facts, kv_cache_sizes
+from edgelm.commands.describe import architecture_facts, kv_cache_sizes
 from edgelm.errors import EdgeLMError
 from edgelm.gguf_file import GGUFFile
 from edgelm.runtime.kv_cache import CACHE_TYPES, make_caches
@@ -98,7 +99,7 @@ def test_bench_bad_entry_in_a_type_list(monkeypatch, capsys):
 
 def test_quantized_cache_on_a_head_size_it_cannot_hold(tmp_path, capsys):
     """q8_0 blocks are 32 wide: a head size of 16 is refused before anything is timed, naming the file."""
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     from pathlib import Path
     path = tmp_path / "llama16.gguf"
     convert(str(Path(__file__).parent / "data" / "tiny" / "llama"), str(path), "f32")
@@ -309,7 +310,7 @@ def test_info_equals_a_loaded_sessions_caches(smollm2_path, gemma_path, which, n
 def test_repl_show_info_reports_the_cache(smollm2):
     import io
     from edgelm.chat import Conversation
-    from edgelm.repl import Repl
+    from edgelm.commands.repl import Repl
     conv = Conversation(smollm2, params=smollm2.sampling_defaults.with_(temperature=0), max_tokens=3)
     out = io.StringIO()
     Repl(conv, "m", out=out, inp=io.StringIO("/show info\n")).run()

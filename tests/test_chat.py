@@ -22,7 +22,7 @@ import pytest
 import edgelm
 from edgelm.chat import Conversation
 from edgelm.errors import ContextError
-from edgelm.sampling import SamplingParams
+from edgelm.runtime.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "chat_templates.json").read_text(encoding="utf-8"))

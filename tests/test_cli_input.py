@@ -12,7 +12,7 @@ import pytest
 
 from edgelm import cli
 from edgelm.chat import Conversation
-from edgelm.repl import GREETING, Repl
+from edgelm.commands.repl import GREETING, Repl
 
 from .conftest import run_cli
 

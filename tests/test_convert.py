@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.convert import convert
+from edgelm.commands.convert import convert
 from edgelm.errors import EdgeLMError, UnsupportedError
 from edgelm.gguf_file import GGUFFile
 
@@ -125,7 +125,7 @@ def test_written_files_follow_gguf_py(converted, name):
 def test_gpt2_and_llama_layout_rules(converted):
     """GPT-2's Conv1D weights are transposed to (out, in); llama's Q/K rows are permuted for llama.cpp's
     adjacent-pair rotation (checked against the checkpoint with an independent reshape)."""
-    from edgelm.convert.safetensors import Checkpoint
+    from edgelm.commands.convert.safetensors import Checkpoint
     g = GGUFFile(str(converted("gpt2", "f32")))
     ck = Checkpoint(TINY / "gpt2")
     w = g.tensor("blk.0.attn_qkv.weight").view(np.float32)
@@ -141,7 +141,7 @@ def test_gpt2_and_llama_layout_rules(converted):
 
 
 def test_gemma_norms_are_stored_plus_one(converted):
-    from edgelm.convert.safetensors import Checkpoint
+    from edgelm.commands.convert.safetensors import Checkpoint
     g = GGUFFile(str(converted("gemma3", "f32")))
     ck = Checkpoint(TINY / "gemma3")
     for hf, ours in (("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
@@ -230,7 +230,7 @@ def test_cli_convert_and_errors(tmp_path):
 def test_quantize_of_converted_file_equals_converting_quantized(converted, name, tmp_path):
     """`edgelm quantize` on the f32 file gives the same tensor bytes as converting straight to q8_0 (both are
     gguf.quants on the same floats), 3-D expert tensors included; routers, sinks and positions stay f32."""
-    from edgelm.quantize import quantize_file
+    from edgelm.commands.quantize import quantize_file
     out = tmp_path / "q.gguf"
     quantize_file(str(converted(name, "f32")), str(out), "q8_0")
     a, b = GGUFFile(str(out)), GGUFFile(str(converted(name, "q8_0")))

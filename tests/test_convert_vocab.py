@@ -1,4 +1,4 @@
-"""edgelm.convert.vocab: a Hugging Face tokenizer -> GGUF tokenizer metadata, checked against HF's own ids.
+"""edgelm.commands.convert.vocab: a Hugging Face tokenizer -> GGUF tokenizer metadata, checked against HF's own ids.
 
 For every tiny checkpoint in tests/data/tiny/<name>/ (tools/make_tiny_checkpoints.py) we write a GGUF holding
 only general.architecture and the vocabulary, load it with edgelm's tokenizer and compare its ids with the
@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from edgelm.convert.vocab import add_vocab, vocab_metadata
+from edgelm.commands.convert.vocab import add_vocab, vocab_metadata
 from edgelm.errors import EdgeLMError, UnsupportedError
 from edgelm.gguf_file import GGUFFile
 from edgelm.tokenizer import tokenizer_from_metadata

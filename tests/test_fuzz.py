@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import edgelm
-from edgelm.describe import architecture_facts, describe
+from edgelm.commands.describe import architecture_facts, describe
 from edgelm.errors import ContextError, EdgeLMError, GGUFError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edgelm.errors import ContextError
-from edgelm.generate import StopMatcher, StreamDecoder
-from edgelm.sampling import Sampler, SamplingParams
+from edgelm.runtime.generate import StopMatcher, StreamDecoder
+from edgelm.runtime.sampling import Sampler, SamplingParams
 
 from .conftest import run_cli
 
@@ -37,7 +37,7 @@ def test_prefix_reuse_matches_fresh_evaluation(smollm2):
     fresh = smollm2.eval_logits(b)[-1]
     smollm2.cache.clear()
     smollm2.prefill(a)
-    from edgelm.generate import GenerationStats
+    from edgelm.runtime.generate import GenerationStats
     st = GenerationStats()
     reused = smollm2.prefill(b, st)
     assert st.prompt_evaluated == len(b) - len(a)          # only the new tokens were evaluated

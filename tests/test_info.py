@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelm.describe import architecture_card, architecture_facts, column_header, format_card, format_compare
+from edgelm.commands.describe import architecture_card, architecture_facts, column_header, format_card, format_compare
 from tests.conftest import run_cli
 
 TINY = Path(__file__).parent / "data" / "tiny"
@@ -19,7 +19,7 @@ NAMES = ["gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "p
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """name -> path of the tiny checkpoint converted to an f32 GGUF (converted once per module)."""
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     out = tmp_path_factory.mktemp("tiny_gguf")
     paths = {}
 

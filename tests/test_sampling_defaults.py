@@ -13,7 +13,7 @@ import pytest
 import edgelm
 from edgelm.catalog import CATALOG
 from edgelm.errors import ContextError, EdgeLMError
-from edgelm.sampling import SamplingParams, check_value, parse_value, recommended_sampling
+from edgelm.runtime.sampling import SamplingParams, check_value, parse_value, recommended_sampling
 
 from .conftest import run_cli
 
@@ -80,7 +80,7 @@ def test_catalog_model_by_path_gets_the_catalog_recommendation(smollm2):
 def test_gguf_keys_win_over_defaults(tmp_path, monkeypatch):
     """A tiny llama converted with the general.sampling.* keys llama.cpp's converter writes
     (gguf-py GGUFWriter.add_sampling_*)."""
-    import edgelm.convert as conv
+    import edgelm.commands.convert as conv
     original = conv._metadata
 
     def with_sampling(w, *a, **kw):

@@ -15,7 +15,7 @@ import pytest
 
 import edgelm
 from edgelm.errors import EdgeLMError
-from edgelm.generate import GenerationStats
+from edgelm.runtime.generate import GenerationStats
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening to light the great lamp. Ships far out "
         "at sea watched for its beam, and on stormy nights he stayed awake until dawn, listening to the waves "
@@ -241,7 +241,7 @@ def test_generate_past_the_context_shifts_and_keeps_making_sense(smollm2_path):
 
 
 def test_learned_positions_re_evaluate_on_shift(tmp_path):
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     out = tmp_path / "gpt2.gguf"
     convert(str(Path(__file__).parent / "data" / "tiny" / "gpt2"), str(out), "f32")
     m = edgelm.load(str(out), n_ctx=32, kv_type="f32")
@@ -280,7 +280,7 @@ def test_prefix_reuse_on_wrapped_rings_is_exact(gemma_ring):
 
 def test_conversation_reuses_the_cache_after_dropping_turns(smollm2_path):
     from edgelm.chat import Conversation
-    from edgelm.sampling import SamplingParams
+    from edgelm.runtime.sampling import SamplingParams
     m = edgelm.load(smollm2_path, n_ctx=200)
     conv = Conversation(m, system="You are terse.", params=SamplingParams(temperature=0), max_tokens=8)
     dropped = 0

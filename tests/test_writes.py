@@ -95,7 +95,7 @@ def _digest(p: Path) -> str:
 
 
 def _small_gguf(tmp_path) -> Path:
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     out = tmp_path / "src.gguf"
     convert(str(TINY / "llama"), str(out), "f32")
     return out
@@ -123,11 +123,11 @@ def test_convert_refuses_to_write_over_the_checkpoint(tmp_path):
     (tmp_path / "elsewhere.gguf").symlink_to(ck / weights)
     for out in (ck / weights, ck / "config.json", ck / "new.safetensors", tmp_path / "elsewhere.gguf"):
         with pytest.raises(EdgeLMError, match="source checkpoint|input file"):
-            from edgelm.convert import convert
+            from edgelm.commands.convert import convert
             convert(str(ck), str(out), "f32")
     assert {p.name: _digest(p) for p in ck.iterdir()} == digests
     # a GGUF beside the weights is what converters usually write, and is allowed
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     convert(str(ck), str(ck / "model.gguf"), "q8_0")
     assert (ck / "model.gguf").stat().st_size > 0
 

@@ -134,7 +134,7 @@ def results_markdown(res: dict, chart_rel: str | None) -> str:
     recs = res.get("edgelm_bench") or []
     if recs:
         sys.path.insert(0, REPO)
-        from edgelm.bench import md_header, md_row
+        from edgelm.commands.bench import md_header, md_row
         out += ["", f"`edgelm bench` alone, right after (mean ± sample std of {res['reps']} runs):", "",
                 md_header(), *[md_row(r) for r in recs], ""]
         loads = {os.path.basename(r["model_filename"]): r for r in recs}

@@ -18,7 +18,7 @@ import psutil
 
 import edgelm
 from edgelm.chat import Conversation
-from edgelm.sampling import SamplingParams
+from edgelm.runtime.sampling import SamplingParams
 
 TOPICS = ["the sea", "mountains", "bread", "a red bicycle", "winter", "owls", "the moon", "tea", "a library",
           "rain on a tin roof", "a lighthouse", "chess"]

@@ -661,7 +661,7 @@ def run_case(path: str) -> dict:
     """What `edgelm info PATH` and a short generation do, with the outcome: ok | error | traceback."""
     import traceback
     import edgelm
-    from edgelm.describe import architecture_facts, describe, format_card, format_text
+    from edgelm.commands.describe import architecture_facts, describe, format_card, format_text
     from edgelm.errors import EdgeLMError
     errors, outcome = [], "ok"
     steps = (
@@ -695,7 +695,7 @@ def worker_main() -> None:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                      # stray prints must not corrupt the protocol
     import edgelm  # noqa: F401  (imports before the first case's timer)
-    import edgelm.describe  # noqa: F401
+    import edgelm.commands.describe  # noqa: F401
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         path = line.rstrip("\n")

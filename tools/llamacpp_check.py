@@ -53,7 +53,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated checkpoint names")
     ap.add_argument("--outtype", default="f32,q8_0")
     a = ap.parse_args()
-    from edgelm.convert import convert
+    from edgelm.commands.convert import convert
     names = a.only.split(",") if a.only else sorted(p.name for p in TINY.iterdir() if (p / "config.json").exists())
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

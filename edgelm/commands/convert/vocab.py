@@ -32,8 +32,8 @@ from typing import Any
 
 import gguf
 
-from ..errors import EdgeLMError, UnsupportedError
-from ..tokenizer.bpe import PRE_REGEXES, PreTokenizer
+from ...errors import EdgeLMError, UnsupportedError
+from ...tokenizer.bpe import PRE_REGEXES, PreTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EdgeLMError, UnsupportedError
+from ...errors import EdgeLMError, UnsupportedError
 
 
 @dataclass(frozen=True)

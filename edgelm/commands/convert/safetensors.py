@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeLMError
+from ...errors import EdgeLMError
 
 # safetensors dtype names -> numpy (BF16 is read as its uint16 bits and widened to float32)
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,

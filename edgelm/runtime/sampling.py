@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import EdgeLMError
+from ..errors import EdgeLMError
 
 # -- the rules -----------------------------------------------------------------------------------------
 

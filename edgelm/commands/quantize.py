@@ -14,11 +14,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import quantize as reference_quantize
 
-from .atomic import atomic_output
-from .config import ModelConfig
-from .errors import EdgeLMError, UnsupportedError
-from .gguf_file import GGUFFile
-from .quant.formats import dequantize, format_for
+from ..atomic import atomic_output
+from ..config import ModelConfig
+from ..errors import EdgeLMError, UnsupportedError
+from ..gguf_file import GGUFFile
+from ..quant.formats import dequantize, format_for
 
 # target name -> (ggml type, general.file_type)   (gguf-py constants.py LlamaFileType)
 TARGETS = {

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import EdgeLMError
+from ..errors import EdgeLMError
 
 OUTPUT_FORMATS = ("md", "json", "jsonl", "csv")
 
@@ -66,7 +66,7 @@ LLAMA_CPP_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl",
 
 def parse_cache_type(text: str, option: str) -> str:
     """One KV cache type name, checked against runtime.kv_cache's storage table (the one the runtime uses)."""
-    from .runtime.kv_cache import CACHE_TYPES
+    from ..runtime.kv_cache import CACHE_TYPES
     name = str(text).strip().lower()
     if name in CACHE_TYPES:
         return name
@@ -225,7 +225,7 @@ def run_test(model, test: BenchTest, reps: int, rng: np.random.Generator, warmup
     """Sample times in ns of `reps` runs of `test` on the model's default session (after an untimed warm-up
     run). `context`: the test.n_context token ids to hold before each timed part (random when None); pass the
     same list to tests of the same depth and its evaluation is done once."""
-    from .model import N_BATCH
+    from ..model import N_BATCH
     n_vocab = model.config.n_vocab
     bos = _bos(model)
     session = model.session
@@ -270,9 +270,9 @@ def make_record(info: dict, test: BenchTest, n_threads: int, samples_ns: list[in
 
 
 def _model_info(model, n_ctx: int, type_k: str, type_v: str) -> dict:
-    from . import __version__
-    from .model import N_BATCH
-    from .quant.formats import format_for
+    from .. import __version__
+    from ..model import N_BATCH
+    from ..quant.formats import format_for
     tensors = list(model.gguf.tensors.values())
     n_params = model.n_params
     return {
@@ -305,7 +305,7 @@ def run_bench(paths: list[str], n_prompt: list[int], n_gen: list[int], threads: 
     outermost, then cache types, threads, depths, and within a depth the pp tests before the tg tests). The
     model is loaded once per cache-type pair, with a context of at least every test's depth + p + n (default
     max(d) + max(p) + max(n) + 8)."""
-    from .model import Model, set_threads
+    from ..model import Model, set_threads
     if reps < 1:
         raise EdgeLMError(f"-r: repetitions must be at least 1, got {reps}")
     n_depth, type_k, type_v = list(n_depth), list(type_k), list(type_v)
@@ -373,9 +373,9 @@ def _check_threads(threads: list[int]) -> None:
 def _check_models(paths: list[str], n_ctx: int, type_k: list[str], type_v: list[str]) -> None:
     """Every file, and every cache type with its head size, checked before any timing: a bad last model or a
     q4_0 cache on a head size it cannot store fails at once, not after minutes of output."""
-    from .config import ModelConfig
-    from .gguf_file import GGUFFile
-    from .runtime.kv_cache import cache_bytes
+    from ..config import ModelConfig
+    from ..gguf_file import GGUFFile
+    from ..runtime.kv_cache import cache_bytes
     for tk in type_k:
         parse_cache_type(tk, "-ctk")
     for tv in type_v:
@@ -440,7 +440,7 @@ def md_row(r: dict, columns: list[tuple] = MD_COLUMNS) -> str:
 
 
 def md_footer(records: list[dict]) -> str:
-    from . import __version__
+    from .. import __version__
     rss = max((r["peak_rss_bytes"] for r in records), default=peak_rss_bytes())
     loads = ", ".join(f"{os.path.basename(r['model_filename'])} {r['load_s']:.2f} s"
                       for r in {r["model_filename"]: r for r in records}.values())

@@ -18,10 +18,10 @@ from collections import Counter
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import EdgeLMError, GGUFError, UnsupportedError
-from .gguf_file import GGUFFile
-from .quant.formats import dequantize, format_for
+from ..config import ModelConfig
+from ..errors import EdgeLMError, GGUFError, UnsupportedError
+from ..gguf_file import GGUFFile
+from ..quant.formats import dequantize, format_for
 
 
 def kv_cache_sizes(cfg: ModelConfig, n_ctx: int | None = None) -> dict:
@@ -29,7 +29,7 @@ def kv_cache_sizes(cfg: ModelConfig, n_ctx: int | None = None) -> dict:
     type (K and V of the same type; f16, the default, first): bytes at n_ctx, and bytes per token of context
     — the global layers only, since a sliding-window layer's ring stops growing at window + batch slots
     (`sliding_bytes`: what the sliding layers hold at n_ctx). A type the head size cannot be stored in (q8_0 / q4_0 need a multiple of 32) is None."""
-    from .runtime.kv_cache import CACHE_TYPES, cache_bytes, cache_bytes_per_token
+    from ..runtime.kv_cache import CACHE_TYPES, cache_bytes, cache_bytes_per_token
     n_ctx = cfg.n_ctx_train if n_ctx is None else n_ctx
     n_sliding = sum(1 for il in range(cfg.n_layer) if cfg.is_swa_layer(il))
     types: dict[str, dict | None] = {}
@@ -106,7 +106,7 @@ def describe(path: str, with_tensors: bool = True, with_card: bool = True, n_ctx
 def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig) -> None:
     """Every tensor the decoder reads has the shape the config implies: info refuses what load refuses. Building
     the decoder does exactly these checks (Weights._info) and reads no matrix, only views (~2 ms)."""
-    from .arch.decoder import Decoder
+    from ..arch.decoder import Decoder
     Decoder(cfg, g)
 
 

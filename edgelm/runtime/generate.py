@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import EdgeLMError
+from ..errors import EdgeLMError
 from .sampling import Sampler, SamplingParams
 
 

@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType, get_tensor_name_map
 from gguf.quants import quantize as reference_quantize
 
-from ..arch.traits import ARCH_TRAITS
-from ..atomic import atomic_output
-from ..errors import EdgeLMError, UnsupportedError
+from ...arch.traits import ARCH_TRAITS
+from ...atomic import atomic_output
+from ...errors import EdgeLMError, UnsupportedError
 from ..quantize import KEEP_UNQUANTIZED, TARGETS as QUANT_TARGETS
 from .archs import SPECS, ConvertSpec, Source, sources
 from .safetensors import Checkpoint

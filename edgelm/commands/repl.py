@@ -10,10 +10,10 @@ import shlex
 import sys
 from dataclasses import asdict, fields
 
-from .chat import Conversation
-from .errors import EdgeLMError
-from .generate import clean_text
-from .sampling import check_value, parse_value
+from ..chat import Conversation
+from ..errors import EdgeLMError
+from ..runtime.generate import clean_text
+from ..runtime.sampling import check_value, parse_value
 
 GREETING = "/? for help, Ctrl-D or /bye to quit"
 
