@@ -138,6 +138,7 @@ class StorageType:
     block: int             # elements per block (1: a float type)
     units: int             # storage elements per block
     store: Callable        # (x (T, n_kv, hd) f32, dst (n_kv, cap, units), pos0, cap) -> None
+    rotated: bool = False  # rows stored in the Hadamard basis (see hadamard_rows)
 
     def row_units(self, head_dim: int) -> int:
         return head_dim // self.block * self.units
@@ -149,9 +150,33 @@ class StorageType:
 CACHE_TYPES: dict[str, StorageType] = {
     "f32": StorageType("f32", 0, np.float32, 1, 1, _store_f32),
     "f16": StorageType("f16", 1, np.uint16, 1, 1, _store_f16),
-    "q8_0": StorageType("q8_0", 8, np.uint8, 32, 34, _store_q8_0),
-    "q4_0": StorageType("q4_0", 2, np.uint8, 32, 18, _store_q4_0),
+    "q8_0": StorageType("q8_0", 8, np.uint8, 32, 34, _store_q8_0, rotated=True),
+    "q4_0": StorageType("q4_0", 2, np.uint8, 32, 18, _store_q4_0, rotated=True),
 }
+
+
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+_H32 = _sylvester(32)      # orthonormal and symmetric: H @ H = I
+
+
+def hadamard_rows(x: np.ndarray) -> np.ndarray:
+    """x (..., d) with d a multiple of 32, each 32-element block multiplied by the orthonormal Hadamard matrix.
+
+    Quantized caches store K and V rows in this basis. A block's q8_0/q4_0 step is set by its largest element,
+    and attention keys carry a few outlier channels (large RoPE-frequency pairs): rotated, an outlier spreads
+    over its block and the step shrinks, so the same bytes hold the rows several times more accurately.
+    Attention is unchanged by it: q.k = (qH).(kH), and the weighted sum of rotated values is rotated back
+    (H is its own inverse). (The idea of QuaRot, arXiv 2404.00456; the layout stays llama.cpp's.)"""
+    # Per 32-element block, the quantization block: a whole-head rotation (tried: 64 on SmolLM2) also mixes
+    # the large low-frequency RoPE channels into the other block and doubles the error instead.
+    shape = x.shape
+    return (np.ascontiguousarray(x, np.float32).reshape(-1, 32) @ _H32).reshape(shape)
 
 
 def storage_type(name: str, head_dim: int) -> StorageType:
@@ -208,8 +233,13 @@ class LayerCache:
         if self._first_needed(pos0) < pos0 + T - self.capacity:
             raise ContextError(f"{T} tokens at position {pos0} do not fit a KV cache of {self.capacity} "
                                f"slots (window {self.window}): evaluate in smaller batches or a larger context")
-        self._sk.store(np.ascontiguousarray(k, np.float32), self.k, pos0, self.capacity)
-        self._sv.store(np.ascontiguousarray(v, np.float32), self.v, pos0, self.capacity)
+        self._sk.store(self._basis(k, self._sk), self.k, pos0, self.capacity)
+        self._sv.store(self._basis(v, self._sv), self.v, pos0, self.capacity)
+
+    @staticmethod
+    def _basis(x: np.ndarray, st: StorageType) -> np.ndarray:
+        """Rows as the storage type keeps them: float32, in the Hadamard basis for the quantized types."""
+        return hadamard_rows(x) if st.rotated else np.ascontiguousarray(x, np.float32)
 
     def attend(self, q: np.ndarray, pos0: int, scale: float, sinks: np.ndarray | None,
                out: np.ndarray) -> None:
@@ -217,7 +247,7 @@ class LayerCache:
         pos0..pos0+T-1 over the stored keys; `sinks` (n_head,) join each softmax's denominator only."""
         if out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError("attend() writes into a C-contiguous float32 `out` (T, n_head, hd_v)")
-        q = np.ascontiguousarray(q, np.float32)
+        q = self._basis(q, self._sk)                  # scores are unchanged: q.k = (qH).(kH)
         sk, sv = self._sk, self._sv
         args = (sk.ggml_type, self.k, sk.row_bytes(self.head_dim), sv.ggml_type, self.v,
                 sv.row_bytes(self.head_dim_v), self.capacity, pos0, self.window, np.float32(scale),
@@ -226,6 +256,8 @@ class LayerCache:
             attend_decode(q[0], *args, out[0])
         else:
             attend_prefill(q, *args, out)
+        if sv.rotated:                                # the values' weighted sum, back from the Hadamard basis
+            out[...] = hadamard_rows(out)
 
     def rows_f32(self, which: str, positions: np.ndarray) -> np.ndarray:
         """The K ("k") or V ("v") rows of `positions` as float32 (n, n_kv, hd) (dequantized; for shifts,
@@ -236,7 +268,8 @@ class LayerCache:
         if n == 0:
             return np.zeros((0, self.n_kv, hd), np.float32)
         flat = np.ascontiguousarray(rows).view(np.uint8).reshape(self.n_kv * n, st.row_bytes(hd))
-        return dequantize(flat, st.ggml_type, hd).reshape(self.n_kv, n, hd).transpose(1, 0, 2).copy()
+        x = dequantize(flat, st.ggml_type, hd).reshape(self.n_kv, n, hd).transpose(1, 0, 2).copy()
+        return hadamard_rows(x) if st.rotated else x
 
     def shift(self, n_keep: int, n_discard: int, end: int, rotate) -> None:
         """Drop positions n_keep..n_keep+n_discard-1; move n_keep+n_discard..end-1 down by n_discard.
@@ -250,7 +283,7 @@ class LayerCache:
         rotate(k, -n_discard)
         v_rows = self.v[:, old % self.capacity].copy()            # gathered before any slot is rewritten
         new = old - n_discard
-        self._sk.store(np.ascontiguousarray(k, np.float32), self.k, int(new[0]), self.capacity)
+        self._sk.store(self._basis(k, self._sk), self.k, int(new[0]), self.capacity)
         self.v[:, new % self.capacity] = v_rows
 
 
