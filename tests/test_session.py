@@ -24,13 +24,7 @@ TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening to li
 
 def _greedy(session, ids, n):
     """n greedy tokens after `ids` (from a prefill), by session.decode."""
-    logits = session.prefill(ids)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        out.append(t)
-        logits = session.decode(t)
-    return out
+    return _continue(session, n, session.prefill(ids))
 
 
 def _continue(session, n, first_logits=None):

@@ -31,12 +31,19 @@ def _timeit(fn, min_s=0.5):
     return best
 
 
-def bench_decode(name, depth, types):
+def _inputs(name, depth, n_queries):
+    """Random K, V (depth, n_kv, hd) and queries (n_queries, n_head, hd) for a model's head shape."""
     n_head, n_kv, hd = SHAPES[name]
     rng = np.random.default_rng(0)
     k = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
-    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
+    q = rng.standard_normal((n_queries, n_head, hd)).astype(np.float32)
+    return k, v, q
+
+
+def bench_decode(name, depth, types):
+    n_head, n_kv, hd = SHAPES[name]
+    k, v, q = _inputs(name, depth, 1)
     row = {}
     out = np.empty((1, n_head, hd), np.float32)
     for t in types:
@@ -51,10 +58,7 @@ def bench_decode_token(name, depth, types, n_layer=30):
     """One decode step over n_layer caches of `depth` keys: the KV does not fit the CPU caches, as in a
     real model (SmolLM2: 30 layers x 3 kv heads x 8192 keys of f16 = 189 MB)."""
     n_head, n_kv, hd = SHAPES[name]
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
-    v = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
-    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
+    k, v, q = _inputs(name, depth, 1)
     row = {}
     out = np.empty((1, n_head, hd), np.float32)
     for t in types:
@@ -70,10 +74,7 @@ def bench_prefill(name, depth, batch, types, reps=2):
     """Seconds of attention to evaluate `depth` tokens in `batch`-token batches (one layer), the fastest
     of `reps` interleaved rounds."""
     n_head, n_kv, hd = SHAPES[name]
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
-    v = rng.standard_normal((depth, n_kv, hd)).astype(np.float32)
-    q = rng.standard_normal((depth, n_head, hd)).astype(np.float32)
+    k, v, q = _inputs(name, depth, depth)
     caches = {}
     for t in types:
         caches[t] = LayerCache(n_kv, hd, hd, t, t, capacity=depth)
