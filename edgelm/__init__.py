@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-# Numba's OpenMP worker threads spin at each barrier by default. A decode step has ~200 parallel regions, so
-# when another process holds a core the spinning threads are descheduled at barriers: measured on a 2-core VM,
-# SmolLM2 decode fell from ~40 to 0.6 tokens/s with two edgelm processes running (26 tokens/s each with
-# passive waiting), and to 16 tokens/s next to one busy process (28 passive). Passive costs ~10-20% on an
-# idle machine. libgomp reads this when it loads (at the first parallel kernel call); a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# How Numba's OpenMP workers wait between parallel regions. A decode step runs ~100-200 regions, a few to
+# tens of microseconds apart. Sleeping at once (OMP_WAIT_POLICY=passive) makes every region pay a futex
+# wake-up; spinning long (libgomp's default, ~3 ms) wastes a core that another process needs, and a
+# descheduled spinner stalls the next barrier. A brief spin (GOMP_SPINCOUNT=1000, ~10 us at libgomp's
+# 100 spins per us estimate) covers the gaps inside one token and sleeps between tokens. Measured on the
+# 2-core VM, SmolLM2 tg64 at 2 threads (docs/benchmarks.md, "Thread wait policy"): idle machine, passive 70,
+# 1000 spins 120, active 122 t/s (llama.cpp 119); next to one busy process, passive 64, 1000 spins 48,
+# 10000 spins 18 (llama.cpp 36). libgomp reads these when it loads (at the first parallel kernel call);
+# a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 # Likewise NumPy's OpenBLAS (prefill attention) keeps its threads spinning ~0.1 s after each call, taking both
 # cores from the Numba kernel that follows: pp512 measured 324 -> 500 t/s (Gemma 3) with a short timeout.
 # It takes effect only if set before NumPy is first imported (true for the CLI and for `import edgelm` first).

@@ -162,7 +162,7 @@ model_option = click.option("-m", "--model", default=catalog.DEFAULT_MODEL, show
 _ctx_option = click.option("-c", "--ctx", type=_param("n_ctx", "N"), default=None,
                            help="Context size in tokens  [default: 4096, or the model's training context if smaller]")
 _threads_option = click.option("-t", "--threads", type=_param("threads", "N"), default=None,
-                               help="Compute threads  [default: all cores]")
+                               help="Compute threads  [default: all physical cores]")
 _stats_option = click.option("--stats", "-v", "--verbose", "stats", is_flag=True,
                              help="Speed after each reply (generate: on stderr, with peak memory); "
                                   "-v/--verbose is the same flag.")
@@ -412,7 +412,7 @@ def _output_format(v, opt):
 @_cache_type_option("-ctk", "--cache-type-k", "keys", many=True)
 @_cache_type_option("-ctv", "--cache-type-v", "values", many=True)
 @click.option("-t", "--threads", type=_int_list(1), default=None,
-              help="Thread counts, comma-separated  [default: all cores]")
+              help="Thread counts, comma-separated  [default: all physical cores]")
 @click.option("-r", "--repetitions", "reps", type=_one_int(1), default="5", show_default=True,
               help="Timed runs per test (after one untimed warm-up run).")
 @click.option("-c", "--ctx", type=_one_int(1), default=None,

@@ -33,8 +33,7 @@ class Model:
             cache_type_k = cache_type_v = kv_type
         if n_ctx is not None:
             n_ctx = check_value("n_ctx", n_ctx, "context size (n_ctx / -c)")
-        if threads is not None:
-            set_threads(threads)
+        set_threads(default_threads() if threads is None else threads)
         self.path = path
         self.gguf = GGUFFile(path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -172,6 +171,18 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<edgelm.Model {os.path.basename(self.path)} arch={self.config.arch} n_ctx={self.n_ctx}>"
+
+
+def default_threads() -> int:
+    """All physical cores this process may run on, not SMT siblings: decode streams weights from memory and
+    two threads on one core share its load units and caches (llama.cpp defaults to physical cores too).
+    With an affinity mask (taskset, containers) the allowed CPUs bound it; Numba's pool caps it."""
+    import numba
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    logical = psutil.cpu_count(logical=True) or allowed
+    physical = psutil.cpu_count(logical=False) or logical
+    n = min(allowed, max(1, allowed * physical // logical))   # SMT pairs inside the mask count once
+    return max(1, min(n, int(numba.config.NUMBA_NUM_THREADS)))
 
 
 def set_threads(n: int) -> None:

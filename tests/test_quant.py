@@ -257,6 +257,61 @@ def test_matvec(qtype):
         _assert_close(y, ref.astype(np.float64) @ x, np.abs(ref).astype(np.float64) @ np.abs(x))
 
 
+@pytest.fixture(params=[0, 1, 2], ids=["float", "int16x1", "int16x2"])
+def matvec_passes(request):
+    """Each decode dot-product mode of kernels.set_matvec_passes, restored afterwards."""
+    from edgelm.quant import kernels
+    before = kernels._PASSES[0]
+    kernels.set_matvec_passes(request.param)
+    yield request.param
+    kernels.set_matvec_passes(before)
+
+
+def _fixed_point_bound(ref64, x, passes):
+    """What representing x in int16 fixed point can add to each dot product: per block of 32, S / 2 (one
+    pass) or S * 2^-16 (two) times sum |w| over the block, S = max|x| / 32767 (kernels._quantize_x)."""
+    if passes == 0 or ref64.shape[1] % 32:
+        return 0.0
+    blocks = np.abs(x.astype(np.float64)).reshape(-1, 32).max(axis=1) / 32767
+    per_elem = np.repeat(blocks * (0.5 if passes == 1 else 2.0 ** -16), 32)
+    return np.abs(ref64) @ per_elem * 1.001
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec_every_mode(qtype, matvec_passes):
+    """The float dot and the integer dots (exact integer sums of codes x fixed-point activations) against
+    float64 products of gguf-py's dequantized weights, within float32 rounding plus, for the integer dots,
+    the fixed-point representation error of x (negligible with two passes)."""
+    rng = np.random.default_rng(int(qtype) + 7)
+    for n_out, n_in in shapes_for(qtype) + [(1030, 512)]:
+        raw, ref = make_tensor(qtype, n_out, n_in, seed=5)
+        x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
+        x[:32] = 0.0                                        # an all-zero block of x
+        y = matvec(raw, qtype, n_out, n_in, x)
+        ref64 = ref.astype(np.float64)
+        err = np.abs(y.astype(np.float64) - ref64 @ x)
+        bound = 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, matvec_passes) + 1e-30
+        assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.3g}"
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_matvec_nan_activations_give_nan(qtype, matvec_passes):
+    """A NaN or inf in x makes every dot product NaN/inf in every mode (the decoder then reports NaN
+    logits), never a silently finite answer."""
+    raw, _ = make_tensor(qtype, 5, 256, seed=6)
+    for bad in (np.nan, np.inf):
+        x = np.ones(256, np.float32)
+        x[100] = bad
+        y = matvec(raw, qtype, 5, 256, x)
+        assert not np.isfinite(y[1]) and not np.isfinite(y[3])
+
+
+def test_matvec_passes_checked():
+    from edgelm.quant import kernels
+    with pytest.raises(ValueError, match="passes"):
+        kernels.set_matvec_passes(3)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matmul(qtype):
     rng = np.random.default_rng(int(qtype) + 100)

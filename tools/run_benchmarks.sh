@@ -19,7 +19,10 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 THREADS="${THREADS:-2}"; ROUNDS="${ROUNDS:-3}"; PP="${PP:-512}"; TG="${TG:-128}"; REPS="${REPS:-3}"
 MODELS_DIR="${EDGELM_MODELS:-$HOME/.cache/edgelm/models}"
-MODELS="${MODELS:-$MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf $MODELS_DIR/gemma-3-270m-q4_k_m.gguf}"
+DEFAULT_MODELS="$MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf $MODELS_DIR/gemma-3-270m-q4_k_m.gguf"
+# the 1B-class model of issue 11, where tools/make_bench_model.py has made it (never committed)
+[ -f "$MODELS_DIR/bench-1b-Q4_K_M.gguf" ] && DEFAULT_MODELS="$DEFAULT_MODELS $MODELS_DIR/bench-1b-Q4_K_M.gguf"
+MODELS="${MODELS:-$DEFAULT_MODELS}"
 REF_PY="${REF_PY:-$HOME/.cache/edgelm-reference/venv/bin/python}"
 CHART_PY="$(command -v "${CHART_PY:-python3}")"   # resolved now: PATH changes below
 SHARED_TOOLS="$(realpath -m "${SHARED_TOOLS:-$REPO/../shared/tools}")"

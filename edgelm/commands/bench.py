@@ -293,8 +293,8 @@ def _model_info(model, n_ctx: int, type_k: str, type_v: str) -> dict:
 
 
 def default_threads() -> int:
-    import numba
-    return int(numba.config.NUMBA_NUM_THREADS)
+    from ..model import default_threads as physical_cores
+    return physical_cores()
 
 
 def run_bench(paths: list[str], n_prompt: list[int], n_gen: list[int], threads: list[int] | None = None,
@@ -363,7 +363,8 @@ def _context_size(tests: list[BenchTest], n_ctx: int | None, n_prompt: list[int]
 
 
 def _check_threads(threads: list[int]) -> None:
-    cap = default_threads()
+    import numba
+    cap = int(numba.config.NUMBA_NUM_THREADS)
     for nt in threads:
         if nt < 1 or nt > cap:
             raise EdgeLMError(f"-t: {nt} threads asked, but this machine runs 1 to {cap} "

@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
+import contextlib
+import contextvars
+
 import numpy as np
 from llvmlite import ir
 
@@ -179,16 +182,41 @@ class Piece(NamedTuple):
     scale: object = None
     offset: object = None
     bias: int | None = None
+    lanes: list | None = None   # quant types: q as 4 x <8 x i32> integer codes (the integer dot's input)
+
+
+def _int_piece(b: ir.IRBuilder, lanes, *factors) -> Piece:
+    """A piece of integer codes (4 x <8 x i32>, lanes 0..31): q as floats and the lanes themselves."""
+    return Piece(_codes(b, lanes), *factors, lanes=lanes)
 
 
 # Codes are expanded from bytes straight into 32-bit lanes, 8 at a time (x86: vpmovzxbd ymm, m64;
 # one instruction per 8 weights), and combined there: cheaper than widening <32 x i8> registers,
-# which costs a chain of shuffles on AVX2.
+# which costs a chain of shuffles on AVX2.  The integer dot (kernels._dot_rows_int) wants 16-bit
+# lanes instead (vpmovzxbw; narrowing 32-bit lanes afterwards cost a slow vpmovdw per 16 codes):
+# it emits inside `with code_bits(16):`, and the helpers below widen to that.
+_CODE_BITS: contextvars.ContextVar[int] = contextvars.ContextVar("code_bits", default=32)
+
+
+@contextlib.contextmanager
+def code_bits(bits: int):
+    """Emit integer codes in `bits`-bit lanes (32 or 16) inside this block (consume the emitter here:
+    emitters are generators)."""
+    token = _CODE_BITS.set(bits)
+    try:
+        yield
+    finally:
+        _CODE_BITS.reset(token)
+
+
+def _lane_int() -> ir.IntType:
+    return ir.IntType(_CODE_BITS.get())
+
 
 def _ext8(b: ir.IRBuilder, p, off: int, signed: bool = False):
-    """8 bytes at `off` -> <8 x i32>."""
+    """8 bytes at `off` -> <8 x i32> (or i16, see code_bits)."""
     v = _load(b, p, off, _vec(_I8, 8))
-    return (b.sext if signed else b.zext)(v, _vec(_I32, 8))
+    return (b.sext if signed else b.zext)(v, _vec(_lane_int(), 8))
 
 
 def _codes(b: ir.IRBuilder, parts):
@@ -209,11 +237,17 @@ def _nibble_lanes(b: ir.IRBuilder, p, off: int, minus: int = 0):
 def _add_bit_lanes(b: ir.IRBuilder, p, off: int, parts, value: int, minus: int = 0):
     """parts (4 x <8 x i32>, lanes 0..31) + `value` where bit j of the u32 at `off` is set,
     minus `minus` (qh of Q5_0 / Q5_1: value 16; minus 16 gives lo - (bit clear ? 16 : 0))."""
-    v = splat(b, _load(b, p, off, _I32), 8)
-    t = v.type
+    word = _load(b, p, off, _I32)
+    narrow = _CODE_BITS.get() < 32
     out = []
     for k, part in enumerate(parts):
-        bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8 * k, 8 * k + 8)]))
+        t = part.type
+        if narrow:   # the 8 bits of this part, moved to bits 0..7 of a narrow lane
+            v = splat(b, b.trunc(b.lshr(word, ir.Constant(_I32, 8 * k)), t.element), 8)
+            bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8)]))
+        else:
+            v = splat(b, word, 8)
+            bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8 * k, 8 * k + 8)]))
         hit = b.icmp_unsigned("==", b.and_(v, bits), bits)
         out.append(b.add(part, b.select(hit, _c(t, value - minus), _c(t, -minus))))
     return out
@@ -241,29 +275,29 @@ def _emit_bf16(b, p, n):
 
 def _emit_q8_0(b, p, n):
     # block_q8_0: f16 d; int8 qs[32].  w = q * d
-    yield Piece(_codes(b, [_ext8(b, p, 2 + 8 * k, True) for k in range(4)]), _f16_splat(b, p, 0))
+    yield _int_piece(b, [_ext8(b, p, 2 + 8 * k, True) for k in range(4)], _f16_splat(b, p, 0))
 
 
 def _emit_q4_0(b, p, n):
     # block_q4_0: f16 d; qs[16] (low nibble = elem j, high = elem j+16).  w = d * (q - 8)
-    yield Piece(_codes(b, _nibble_lanes(b, p, 2, minus=8)), _f16_splat(b, p, 0))
+    yield _int_piece(b, _nibble_lanes(b, p, 2, minus=8), _f16_splat(b, p, 0))
 
 
 def _emit_q4_1(b, p, n):
     # block_q4_1: f16 d, f16 m; qs[16].  w = d * q + m
-    yield Piece(_codes(b, _nibble_lanes(b, p, 4, minus=8)), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 8)
+    yield _int_piece(b, _nibble_lanes(b, p, 4, minus=8), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 8)
 
 
 def _emit_q5_0(b, p, n):
     # block_q5_0: f16 d; u32 qh (bit j = 5th bit of elem j); qs[16].  w = d * (q - 16)
     q = _add_bit_lanes(b, p, 2, _nibble_lanes(b, p, 6), 16, minus=16)
-    yield Piece(_codes(b, q), _f16_splat(b, p, 0))
+    yield _int_piece(b, q, _f16_splat(b, p, 0))
 
 
 def _emit_q5_1(b, p, n):
     # block_q5_1: f16 d, f16 m; u32 qh; qs[16].  w = d * q + m
     q = _add_bit_lanes(b, p, 4, _nibble_lanes(b, p, 8), 16, minus=16)
-    yield Piece(_codes(b, q), _f16_splat(b, p, 0), _f16_splat(b, p, 2), 16)
+    yield _int_piece(b, q, _f16_splat(b, p, 0), _f16_splat(b, p, 2), 16)
 
 
 # MXFP4 (OCP microscaling FP4).  Layout: ggml/src/ggml-common.h block_mxfp4 (u8 e; qs[16]; low
@@ -302,10 +336,16 @@ def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
     as 4 x <8 x i32>.  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
     has no variable-index shuffle); elsewhere the portable arithmetic of `_e2m1_codes` (about 2x
     the instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
+    lane = _vec(_lane_int(), 8)
     if not (_SSSE3 if shuffle is None else shuffle):
-        a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
+        token = _CODE_BITS.set(32)           # the table lookup shifts by up to 28 bits
+        try:
+            a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
+        finally:
+            _CODE_BITS.reset(token)
         t = a.type
-        return [_e2m1_codes(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
+        codes = [_e2m1_codes(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
+        return codes if lane == t else [b.trunc(v, lane) for v in codes]
     t = _vec(_I8, 16)
     name = "llvm.x86.ssse3.pshuf.b.128"
     fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(t, [t, t]), name=name)
@@ -317,13 +357,13 @@ def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
         for h in range(2):
             half = b.shuffle_vector(q, ir.Constant(t, ir.Undefined),
                                     ir.Constant(_vec(_I32, 8), list(range(8 * h, 8 * h + 8))))
-            out.append(b.sext(half, _vec(_I32, 8)))
+            out.append(b.sext(half, lane))
     return out
 
 
 def _emit_mxfp4(b, p, n):
     # block_mxfp4: u8 e (E8M0); qs[16] (low nibble = elem j, high = elem j+16).  w = d * kvalues[q]
-    yield Piece(_codes(b, _mxfp4_lanes(b, p, 1)), _e8m0_half(b, p, 0))
+    yield _int_piece(b, _mxfp4_lanes(b, p, 1), _e8m0_half(b, p, 0))
 
 
 def _emit_qk_45(b, p, with_qh: bool):
@@ -346,7 +386,7 @@ def _emit_qk_45(b, p, with_qh: bool):
             q = [b.sub(v, _c(v.type, centre)) for v in q]
             sc, mn = scales[i]
             # x - y == x + (-y) exactly, so the offset form decodes like gguf-py's subtraction
-            yield Piece(_codes(b, q), b.fmul(d, b.uitofp(sc, _F32)),
+            yield _int_piece(b, q, b.fmul(d, b.uitofp(sc, _F32)),
                         b.fneg(b.fmul(dmin, b.uitofp(mn, _F32))), centre)
 
 
@@ -375,7 +415,7 @@ def _emit_q6_k(b, p, n):
             s0 = 192 + 8 * h + 2 * t  # two 16-element scale groups per 32 lanes
             dl0 = b.fmul(d, b.sitofp(_load(b, p, s0, _I8), _F32))
             dl1 = b.fmul(d, b.sitofp(_load(b, p, s0 + 1, _I8), _F32))
-            yield Piece(_codes(b, q), (dl0, dl1))
+            yield _int_piece(b, q, (dl0, dl1))
 
 
 # ---------------------------------------------------------------------------------------------
