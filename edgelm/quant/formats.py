@@ -146,6 +146,34 @@ def _opaque(b: ir.IRBuilder, v):
     return b.asm(ir.FunctionType(v.type, [v.type]), "", "=x,0", [v], side_effect=False)
 
 
+def _k_scale_vectors(b: ir.IRBuilder, p):
+    """Q4_K / Q5_K: a super-block's 8 sub-block scales and minimums as <8 x float>, (d * sc_j, dmin * m_j):
+    ggml's get_scale_min_k4 (ggml-quants.c) for all 8 sub-blocks at once, by byte shuffles of scales[12]."""
+    t8 = _vec(_I8, 16)
+    s = _load(b, p, 4, t8)                 # scales[12] (and 4 bytes of qs, unused)
+
+    def pick(idx):
+        return b.zext(b.shuffle_vector(s, ir.Constant(t8, ir.Undefined), ir.Constant(_vec(_I32, 8), idx)),
+                      _vec(_I32, 8))
+
+    lo = pick([0, 1, 2, 3, 8, 9, 10, 11])   # j < 4: s[j];     j >= 4: s[j + 4]
+    hi = pick([4, 5, 6, 7, 0, 1, 2, 3])     # j < 4: s[j + 4]; j >= 4: s[j - 4]
+    mid = pick([4, 5, 6, 7, 4, 5, 6, 7])    #                  j >= 4: s[j]
+    t = lo.type
+    first = ir.Constant(_vec(ir.IntType(1), 8), [1] * 4 + [0] * 4)
+    sc = b.select(first, b.and_(lo, _c(t, 63)), b.or_(b.and_(lo, _c(t, 15)), b.shl(b.lshr(hi, _c(t, 6)), _c(t, 4))))
+    mn = b.select(first, b.and_(hi, _c(t, 63)), b.or_(b.lshr(lo, _c(t, 4)), b.shl(b.lshr(mid, _c(t, 6)), _c(t, 4))))
+    f = _vec(_F32, 8)
+    return [b.fmul(_f16_splat(b, p, 0), b.uitofp(sc, f))], b.fmul(_f16_splat(b, p, 2), b.uitofp(mn, f))
+
+
+def _q6_k_scale_vectors(b: ir.IRBuilder, p):
+    """Q6_K: the 16 int8 scales of a super-block times d, as two <8 x float> (scales 0-7, 8-15); no minimums.
+    Scale m belongs to elements 16m .. 16m + 15 (piece m // 2, half m % 2)."""
+    d = _f16_splat(b, p, 208)
+    return [b.fmul(d, b.sitofp(_load(b, p, 192 + 8 * g, _vec(_I8, 8)), _vec(_F32, 8))) for g in range(2)], None
+
+
 def _k_scales(b: ir.IRBuilder, p, off: int):
     """The 8 packed 6-bit (scale, min) pairs of Q4_K / Q5_K as i32 (ggml get_scale_min_k4)."""
     s = [b.zext(_load(b, p, off + i, _I8), _I32) for i in range(12)]
@@ -432,6 +460,9 @@ class QuantFormat:
     block_size: int         # elements per block (1 for plain float types)
     type_size: int          # bytes per block
     emit: Emitter           # IR for one block -> Pieces (see "Emitters" above)
+    # Super-block types (8 pieces): their scales as <8 x float> vectors, ([d * sc_j], dmin * m_j) for Q4_K /
+    # Q5_K, ([d * s_0..7, d * s_8..15], None) for Q6_K, so the integer dot scales a whole super-block at once.
+    scale_vectors: Callable | None = None
     # Future per-type fast paths (int8 dot, repacked layouts) hang off this row as extra fields.
 
     @property
@@ -460,7 +491,8 @@ def _table() -> dict[int, QuantFormat]:
         (14, "Q6_K", 256, 210, _emit_q6_k),
         (39, "MXFP4", 32, 17, _emit_mxfp4),
     ]
-    return {t: QuantFormat(t, name, bs, ts, fn) for t, name, bs, ts, fn in specs}
+    vectors = {12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
+    return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
 
 
 FORMATS: dict[int, QuantFormat] = _table()

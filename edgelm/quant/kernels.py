@@ -329,7 +329,17 @@ def _codes16(b, lanes):
 _NACC_INT = 4   # accumulators of the integer dot: one FMA chain each, so 4 blocks are in flight at once
 
 
-def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, passes: int, pf_bytes=0):
+def _sum_lanes8(b, vs):
+    """8 vectors <8 x float> -> one whose lane j is the sum of vs[j]'s lanes (a transpose-and-add tree)."""
+    def pairs(a, c, idx_a, idx_b):
+        mask = lambda idx: ir.Constant(ir.VectorType(_I32, _VW), idx)  # noqa: E731
+        return b.fadd(b.shuffle_vector(a, c, mask(idx_a)), b.shuffle_vector(a, c, mask(idx_b)))
+    u = [pairs(vs[k], vs[k + 1], [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15]) for k in (0, 2, 4, 6)]
+    v = [pairs(u[k], u[k + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]) for k in (0, 2)]
+    return pairs(v[0], v[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+
+def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: int, pf_bytes=0):
     """The dot product of one quantized row with x given in fixed point (int16 codes xqp, 32 * passes per
     block of 32, and the block scales xscp): per piece, integer sums of codes times codes (exact), then
     (weight scale * S) times their float value.  The offsets (block minimums) use the float sums of x, as
@@ -352,6 +362,8 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, passes: int, p
             _prefetch(b, b.gep(blk, [_i64(pf_bytes)]))
         with _formats.code_bits(16):
             pieces = list(fmt.emit(b, blk, fmt.step))
+        if fmt.scale_vectors is not None:     # Q4_K / Q5_K: scale the super-block at once
+            return _superblock(i, pieces, blk, acc, off, rot)
         for j, pc in enumerate(pieces):
             q16 = _codes16(b, pc.lanes)
             sx = b.load(b.gep(xscs, [_i64(j)]))
@@ -383,6 +395,44 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, passes: int, p
                     o = b.fadd(b.fmul(_bcast(b, pc.scale), bias), o)
                 off = b.fadd(off, b.fmul(o, _vload(b, xss, _VW * j)))
         return off
+
+    def half_sums(xqs, j, q16):
+        """Codes x fixed-point x over piece j: <8 x float> partial sums of lanes 0-15 and of 16-31."""
+        out = [None, None]
+        for p in range(passes):
+            base = (j * passes + p) * LANES
+            for h in range(2):
+                xv = b.load(b.bitcast(b.gep(xqs, [_i64(base + 16 * h)]), _V16S.as_pointer()), align=2)
+                v = b.sitofp(_madd16(b, q16[h], xv), _V8F)
+                out[h] = v if out[h] is None else b.fadd(out[h], b.fmul(v, low))
+        return out
+
+    def _superblock(i, pieces, blk, acc, off, rot):
+        """One super-block of 8 pieces: per-piece sums reduced to one lane each (_sum_lanes8), then
+        scaled by the format's scale vectors: 8 per-piece scales (Q4_K, Q5_K: + minimums), or 16
+        per-half scales (Q6_K)."""
+        xqs = _at(b, xqp, i, fmt.step * passes)
+        halves = [half_sums(xqs, j, _codes16(b, pc.lanes)) for j, pc in enumerate(pieces)]
+        sx = _vload(b, _at(b, xscp, i, per_step), 0)        # the 8 blocks' activation scales
+        scales, mins = fmt.scale_vectors(b, blk)
+        k = rot % _NACC_INT
+        if len(scales) == 1:
+            sums = _sum_lanes8(b, [b.fadd(h0, h1) for h0, h1 in halves])
+            acc[k] = b.fadd(acc[k], b.fmul(scales[0], b.fmul(sx, sums)))
+        else:                                               # lane m of part g: half m of piece 4g + m // 2
+            flat = [h for pair in halves for h in pair]
+            for g in range(2):
+                sums = _sum_lanes8(b, flat[8 * g:8 * g + 8])
+                sxg = b.shuffle_vector(sx, ir.Constant(_V8F, ir.Undefined),
+                                       ir.Constant(ir.VectorType(_I32, _VW), [4 * g + m // 2 for m in range(8)]))
+                kg = (k + g) % _NACC_INT
+                acc[kg] = b.fadd(acc[kg], b.fmul(scales[g], b.fmul(sxg, sums)))
+        if mins is None:
+            return off
+        # codes are centred (q - bias): the bias and the minimums multiply the sums of x
+        xb = _vload(b, _at(b, xbsp, i, per_step), 0)
+        bias = ir.Constant(_V8F, [float(pieces[0].bias)] * _VW)
+        return b.fadd(off, b.fmul(b.fsub(b.fmul(scales[0], bias), mins), xb))
 
     def run(count, first, n_per):
         with cgutils.for_range(b, count) as loop:
@@ -448,24 +498,25 @@ def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, y, yoff):
 
 
 @intrinsic
-def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xq, xsc, passes, y, yoff):
+def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y, yoff):
     """As _mv_rows, with x also given in fixed point (xq int16, xsc block scales; see _quantize_x) for the
     integer dot of quantized rows; float-typed rows (F32/F16/BF16) take the float dot."""
     if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, passes, yoff))
-            and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
+            and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xbs, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
             and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.ndim == 1):
         return None
     sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                     x, xs8, xq, xsc, types.int64, y, types.int64)
+                     x, xs8, xbs, xq, xsc, types.int64, y, types.int64)
 
     def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, xq_v, xsc_v, passes_v, y_v, yoff_v = args
+        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, xbs_v, xq_v, xsc_v, passes_v, y_v, yoff_v = args
         base = builder.inttoptr(addr_v, _I8P)
         xp = _data_ptr(context, builder, signature.args[6], x_v)
         xsp = _data_ptr(context, builder, signature.args[7], xs_v)
-        xqp = _data_ptr(context, builder, signature.args[8], xq_v)
-        xscp = _data_ptr(context, builder, signature.args[9], xsc_v)
-        yp = _data_ptr(context, builder, signature.args[11], y_v, yoff_v)
+        xbsp = _data_ptr(context, builder, signature.args[8], xbs_v)
+        xqp = _data_ptr(context, builder, signature.args[9], xq_v)
+        xscp = _data_ptr(context, builder, signature.args[10], xsc_v)
+        yp = _data_ptr(context, builder, signature.args[12], y_v, yoff_v)
 
         def body(fmt):
             with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
@@ -478,7 +529,7 @@ def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xq, xsc, passes
                     with builder.if_else(builder.icmp_signed("==", passes_v, _i64(1))) as (one, two):
                         for n_pass, branch in ((1, one), (2, two)):
                             with branch:
-                                builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, n_pass,
+                                builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, xbsp, n_pass,
                                                             _PF_BYTES), out)
 
         _per_format(builder, kid_v, body)
@@ -715,6 +766,10 @@ def _build(fingerprint: str) -> SimpleNamespace:
             for lane in range(8):
                 b = 32 * g + lane
                 xs8[8 * g + lane] = (x[b] + x[b + 8]) + (x[b + 16] + x[b + 24])
+        xbs = np.empty(npc, np.float32)      # sums of x per 32 elements
+        for g in range(npc):
+            xbs[g] = ((xs8[8 * g] + xs8[8 * g + 1]) + (xs8[8 * g + 2] + xs8[8 * g + 3])) + \
+                ((xs8[8 * g + 4] + xs8[8 * g + 5]) + (xs8[8 * g + 6] + xs8[8 * g + 7]))
         xq = np.empty(max(passes, 1) * npc * 32, np.int16)
         xsc = np.empty(npc, np.float32)
         if passes:
@@ -723,7 +778,7 @@ def _build(fingerprint: str) -> SimpleNamespace:
         if not parallel:
             for j in range(nmat):
                 if passes:
-                    _mv_rows_int(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, xq, xsc,
+                    _mv_rows_int(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, xbs, xq, xsc,
                                  passes, y, plan[j, 4])
                 else:
                     _mv_rows(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, y, plan[j, 4])
@@ -738,7 +793,7 @@ def _build(fingerprint: str) -> SimpleNamespace:
                 r1 = min(plan[j, 3], max(0, (hi - b0 + rb - 1) // rb))
                 if r0 < r1:
                     if passes:
-                        _mv_rows_int(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, xq, xsc, passes, y,
+                        _mv_rows_int(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y,
                                      plan[j, 4])
                     else:
                         _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, y, plan[j, 4])
