@@ -34,3 +34,16 @@ def test_compiled_rope_matches_numpy_and_reference(style, rot_dim):
     # float32 angles (as transformers computes them) differ from float64 ones by ~pos * 2^-24
     assert np.allclose(compiled, ref, atol=2e-3 * (1 + positions.max() / 1000), rtol=0)
     assert np.array_equal(compiled[..., rot_dim:], x[..., rot_dim:])
+
+
+def test_one_rotation_for_every_row():
+    """cos/sin of one position applied to all rows (the context shift re-rotates kept keys this way)."""
+    rope = Rope(*rope_frequencies(10000.0, 64)[:1], "neox")
+    x = np.random.default_rng(2).standard_normal((5, 2, 64)).astype(np.float32)
+    cos, sin = rope.cos_sin(np.array([37]))
+    got = x.copy()
+    rope.apply(got, cos, sin)
+    for t in range(5):
+        row = x[t:t + 1].copy()
+        rope.apply(row, cos, sin)
+        assert np.array_equal(got[t:t + 1].view(np.uint32), row.view(np.uint32))

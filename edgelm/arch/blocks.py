@@ -126,7 +126,8 @@ class Rope:
 
     def apply(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
         """Rotate x (T, heads, head_dim) in place; only the first `dim` features of each head rotate."""
-        if x.flags.c_contiguous and cos.flags.c_contiguous and sin.flags.c_contiguous:
+        if (x.flags.c_contiguous and cos.flags.c_contiguous and sin.flags.c_contiguous
+                and cos.shape[0] in (1, x.shape[0]) and sin.shape == cos.shape):
             # one compiled pass (the NumPy form below costs ~8 us per call at decode sizes, 60 calls a token)
             _rope_rows(x, cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), self.dim,
                        self.style == "neox")
@@ -144,13 +145,15 @@ class Rope:
 # No fastmath: the same float32 multiplies and adds as the NumPy form of Rope.apply (no FMA), so the same bits.
 @nb.njit(cache=True)
 def _rope_rows(x, cos, sin, dim, neox):
-    """x (T, heads, head_dim) rotated in place by cos/sin (T, dim/2): pairs (i, i + dim/2) (neox) or (2i, 2i+1)."""
+    """x (T, heads, head_dim) rotated in place by cos/sin (T or 1, dim/2; one row applies to every t): pairs
+    (i, i + dim/2) (neox) or (2i, 2i+1)."""
     half = dim // 2
     for t in range(x.shape[0]):
+        tc = t if cos.shape[0] > 1 else 0
         for h in range(x.shape[1]):
             for i in range(half):
                 ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
                 a0, b0 = x[t, h, ia], x[t, h, ib]
-                c, s = cos[t, i], sin[t, i]
+                c, s = cos[tc, i], sin[tc, i]
                 x[t, h, ia] = a0 * c - b0 * s
                 x[t, h, ib] = b0 * c + a0 * s
