@@ -189,10 +189,54 @@ def test_mxfp4_random_raw_blocks():
     assert np.array_equal(_bits(got), _bits(ref))
 
 
+@pytest.mark.parametrize("x86", [False, True], ids=["portable", "pmaddwd"])
+def test_madd16_both_paths(x86, monkeypatch):
+    """The integer dot's pair products (kernels._madd16): the x86 instruction and the portable IR that
+    other targets (arm64) compile both give a[2i] * c[2i] + a[2i+1] * c[2i+1] exactly, over the int16
+    range the codes and fixed-point activations use."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from edgelm.quant import formats, kernels
+
+    if x86 and not formats._AVX2:
+        pytest.skip("target has no AVX2")
+    monkeypatch.setattr(formats, "_AVX2", x86)
+
+    @intrinsic
+    def madd(typingctx, a, c, out, i):
+        def codegen(context, builder, sig, args):
+            ptr = lambda k: context.make_array(sig.args[k])(context, builder, value=args[k]).data  # noqa: E731
+            v16 = ir.VectorType(ir.IntType(16), 16)
+            load = lambda k: builder.load(builder.bitcast(builder.gep(ptr(k), [builder.mul(  # noqa: E731
+                args[3], ir.Constant(ir.IntType(64), 16))]), v16.as_pointer()), align=2)
+            r = kernels._madd16(builder, load(0), load(1))
+            dst = builder.gep(ptr(2), [builder.mul(args[3], ir.Constant(ir.IntType(64), 8))])
+            builder.store(r, builder.bitcast(dst, r.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(a, c, out, types.int64), codegen
+
+    @njit
+    def run(a, c, out):
+        for i in range(a.size // 16):
+            madd(a, c, out, i)
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(-32767, 32768, 16 * 64).astype(np.int16)
+    c = rng.integers(-32767, 32768, 16 * 64).astype(np.int16)
+    a[:16], c[:16] = 32767, -32767                          # the extremes
+    out = np.empty(8 * 64, np.int32)
+    run(a, c, out)
+    prod = a.astype(np.int64) * c.astype(np.int64)
+    assert np.array_equal(out, prod[0::2] + prod[1::2])
+
+
+@pytest.mark.parametrize("bits", [32, 16], ids=["i32-lanes", "i16-lanes"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["portable", "pshufb"])
-def test_mxfp4_both_lookup_paths(shuffle):
+def test_mxfp4_both_lookup_paths(shuffle, bits):
     """The byte-shuffle lookup (x86 SSSE3) and the portable arithmetic one are both exact, whichever
-    the kernels use on this machine."""
+    the kernels use on this machine, in the float dot's 32-bit lanes and the integer dot's 16-bit ones."""
     from llvmlite import ir
     from numba import njit, types
     from numba.extending import intrinsic
@@ -209,7 +253,10 @@ def test_mxfp4_both_lookup_paths(shuffle):
             s = context.make_array(sig.args[0])(context, builder, value=args[0]).data
             d = context.make_array(sig.args[1])(context, builder, value=args[1]).data
             p = builder.gep(s, [builder.mul(args[2], ir.Constant(ir.IntType(64), 17))])
-            q = formats._codes(builder, formats._mxfp4_lanes(builder, p, 1, shuffle=shuffle))
+            with formats.code_bits(bits):
+                parts = formats._mxfp4_lanes(builder, p, 1, shuffle=shuffle)
+            assert [v.type.count for v in parts] == [256 // bits] * (bits // 8)
+            q = formats._codes(builder, parts)
             w = decode_piece(builder, formats.Piece(q, formats._e8m0_half(builder, p, 0)))
             fp = builder.gep(d, [builder.mul(args[2], ir.Constant(ir.IntType(64), 32))])
             builder.store(w, builder.bitcast(fp, w.type.as_pointer()), align=4)
@@ -283,7 +330,8 @@ def test_matvec_every_mode(qtype, matvec_passes):
     float64 products of gguf-py's dequantized weights, within float32 rounding plus, for the integer dots,
     the fixed-point representation error of x (negligible with two passes)."""
     rng = np.random.default_rng(int(qtype) + 7)
-    for n_out, n_in in shapes_for(qtype) + [(1030, 512)]:
+    # (1030, 512): the threaded split; (3, 8448): rows longer than one prefetch window (33 super-blocks)
+    for n_out, n_in in shapes_for(qtype) + [(1030, 512), (3, 8448)]:
         raw, ref = make_tensor(qtype, n_out, n_in, seed=5)
         x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
         x[:32] = 0.0                                        # an all-zero block of x

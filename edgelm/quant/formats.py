@@ -210,19 +210,21 @@ class Piece(NamedTuple):
     scale: object = None
     offset: object = None
     bias: int | None = None
-    lanes: list | None = None   # quant types: q as 4 x <8 x i32> integer codes (the integer dot's input)
+    lanes: list | None = None   # quant types: the integer codes as parts (see `_run`; the integer dot's input)
 
 
 def _int_piece(b: ir.IRBuilder, lanes, *factors) -> Piece:
-    """A piece of integer codes (4 x <8 x i32>, lanes 0..31): q as floats and the lanes themselves."""
+    """A piece of integer codes (parts covering lanes 0..31, see `_run`): q as floats and the parts themselves."""
     return Piece(_codes(b, lanes), *factors, lanes=lanes)
 
 
 # Codes are expanded from bytes straight into 32-bit lanes, 8 at a time (x86: vpmovzxbd ymm, m64;
 # one instruction per 8 weights), and combined there: cheaper than widening <32 x i8> registers,
 # which costs a chain of shuffles on AVX2.  The integer dot (kernels._dot_rows_int) wants 16-bit
-# lanes instead (vpmovzxbw; narrowing 32-bit lanes afterwards cost a slow vpmovdw per 16 codes):
-# it emits inside `with code_bits(16):`, and the helpers below widen to that.
+# lanes instead, 16 at a time (vpmovzxbw ymm, m128: one instruction per 16 weights, and every
+# and / shift / subtract on the codes then covers 16 of them): it emits inside `with code_bits(16):`,
+# and the helpers below widen to that.  A *part* is one such vector, <8 x i32> or <16 x i16>; a
+# piece's 32 codes are the parts of `_run`, in lane order.
 _CODE_BITS: contextvars.ContextVar[int] = contextvars.ContextVar("code_bits", default=32)
 
 
@@ -241,41 +243,64 @@ def _lane_int() -> ir.IntType:
     return ir.IntType(_CODE_BITS.get())
 
 
-def _ext8(b: ir.IRBuilder, p, off: int, signed: bool = False):
-    """8 bytes at `off` -> <8 x i32> (or i16, see code_bits)."""
-    v = _load(b, p, off, _vec(_I8, 8))
-    return (b.sext if signed else b.zext)(v, _vec(_lane_int(), 8))
+def _part_lanes() -> int:
+    """Codes per part: 8 x i32, or 16 x i16 (both 256 bits)."""
+    return 256 // _CODE_BITS.get()
+
+
+def _ext(b: ir.IRBuilder, p, off: int, signed: bool = False):
+    """The bytes at `off` -> one part (8 bytes -> <8 x i32>, or 16 -> <16 x i16>, see code_bits)."""
+    n = _part_lanes()
+    v = _load(b, p, off, _vec(_I8, n))
+    return (b.sext if signed else b.zext)(v, _vec(_lane_int(), n))
+
+
+def _run(b: ir.IRBuilder, p, off: int, n_bytes: int = 32, signed: bool = False):
+    """`n_bytes` consecutive bytes at `off`, widened: the parts covering them, in order."""
+    n = _part_lanes()
+    return [_ext(b, p, off + n * k, signed) for k in range(n_bytes // n)]
+
+
+def _regroup(b: ir.IRBuilder, parts):
+    """Parts of 8 lanes -> the current part width (pairs concatenated for 16-bit parts)."""
+    n = _part_lanes()
+    if parts[0].type.count == n:
+        return parts
+    return [_concat(b, parts[k], parts[k + 1]) for k in range(0, len(parts), 2)]
 
 
 def _codes(b: ir.IRBuilder, parts):
-    """Four <8 x i32> (lanes 0-7, 8-15, 16-23, 24-31) of small integers -> <32 x float> (exact)."""
-    f = [b.sitofp(v, _vec(_F32, 8)) for v in parts]
-    return _concat(b, _concat(b, f[0], f[1]), _concat(b, f[2], f[3]))
+    """Parts of small integers (lanes 0..31, see `_run`) -> <32 x float> (exact)."""
+    f = [b.sitofp(v, _vec(_F32, v.type.count)) for v in parts]
+    while len(f) > 1:
+        f = [_concat(b, f[k], f[k + 1]) for k in range(0, len(f), 2)]
+    return f[0]
 
 
 def _nibble_lanes(b: ir.IRBuilder, p, off: int, minus: int = 0):
-    """16 bytes at `off` -> elements 0..31 as 4 x <8 x i32>: low nibbles (0..15), high (16..31),
+    """16 bytes at `off` -> elements 0..31 as parts: low nibbles (0..15), high (16..31),
     each minus `minus`."""
-    a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
-    t = a.type
-    parts = [b.and_(a, _c(t, 0x0F)), b.and_(c, _c(t, 0x0F)), b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4))]
+    raw = _run(b, p, off, 16)
+    t = raw[0].type
+    parts = [b.and_(v, _c(t, 0x0F)) for v in raw] + [b.lshr(v, _c(t, 4)) for v in raw]
     return [b.sub(v, _c(t, minus)) for v in parts] if minus else parts
 
 
 def _add_bit_lanes(b: ir.IRBuilder, p, off: int, parts, value: int, minus: int = 0):
-    """parts (4 x <8 x i32>, lanes 0..31) + `value` where bit j of the u32 at `off` is set,
-    minus `minus` (qh of Q5_0 / Q5_1: value 16; minus 16 gives lo - (bit clear ? 16 : 0))."""
+    """parts (lanes 0..31) + `value` where bit j of the u32 at `off` is set, minus `minus`
+    (qh of Q5_0 / Q5_1: value 16; minus 16 gives lo - (bit clear ? 16 : 0))."""
     word = _load(b, p, off, _I32)
-    narrow = _CODE_BITS.get() < 32
+    n = parts[0].type.count
+    bits_of_lane = lambda j: -(1 << 15) if (n == 16 and j == 15) else 1 << j  # noqa: E731  (i16's top bit)
     out = []
     for k, part in enumerate(parts):
         t = part.type
-        if narrow:   # the 8 bits of this part, moved to bits 0..7 of a narrow lane
-            v = splat(b, b.trunc(b.lshr(word, ir.Constant(_I32, 8 * k)), t.element), 8)
-            bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8)]))
+        if t.element.width < 32:   # the n bits of this part, moved to bits 0..n-1 of a narrow lane
+            v = splat(b, b.trunc(b.lshr(word, ir.Constant(_I32, n * k)), t.element), n)
+            bits = _opaque(b, ir.Constant(t, [bits_of_lane(j) for j in range(n)]))
         else:
-            v = splat(b, word, 8)
-            bits = _opaque(b, ir.Constant(t, [1 << j for j in range(8 * k, 8 * k + 8)]))
+            v = splat(b, word, n)
+            bits = _opaque(b, ir.Constant(t, [1 << j for j in range(n * k, n * k + n)]))
         hit = b.icmp_unsigned("==", b.and_(v, bits), bits)
         out.append(b.add(part, b.select(hit, _c(t, value - minus), _c(t, -minus))))
     return out
@@ -303,7 +328,7 @@ def _emit_bf16(b, p, n):
 
 def _emit_q8_0(b, p, n):
     # block_q8_0: f16 d; int8 qs[32].  w = q * d
-    yield _int_piece(b, [_ext8(b, p, 2 + 8 * k, True) for k in range(4)], _f16_splat(b, p, 0))
+    yield _int_piece(b, _run(b, p, 2, signed=True), _f16_splat(b, p, 0))
 
 
 def _emit_q4_0(b, p, n):
@@ -361,19 +386,20 @@ def _e2m1_codes(b: ir.IRBuilder, v):
 
 def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
     """16 bytes of E2M1 code pairs at `off` -> kvalues of elements 0..31 (low nibbles, then high)
-    as 4 x <8 x i32>.  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
+    as parts (see `_run`).  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
     has no variable-index shuffle); elsewhere the portable arithmetic of `_e2m1_codes` (about 2x
     the instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
-    lane = _vec(_lane_int(), 8)
+    n = _part_lanes()
+    lane = _vec(_lane_int(), n)
     if not (_SSSE3 if shuffle is None else shuffle):
         token = _CODE_BITS.set(32)           # the table lookup shifts by up to 28 bits
         try:
-            a, c = _ext8(b, p, off), _ext8(b, p, off + 8)
+            a, c = _run(b, p, off, 16)
         finally:
             _CODE_BITS.reset(token)
         t = a.type
         codes = [_e2m1_codes(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
-        return codes if lane == t else [b.trunc(v, lane) for v in codes]
+        return codes if t.element == lane.element else _regroup(b, [b.trunc(v, _vec(lane.element, 8)) for v in codes])
     t = _vec(_I8, 16)
     name = "llvm.x86.ssse3.pshuf.b.128"
     fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(t, [t, t]), name=name)
@@ -382,9 +408,9 @@ def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
     out = []
     for idx in (b.and_(v, _c(t, 0x0F)), b.lshr(v, _c(t, 4))):  # indexes 0..15 (bit 7 clear)
         q = b.call(fn, [table, idx])
-        for h in range(2):
+        for h in range(16 // n):
             half = b.shuffle_vector(q, ir.Constant(t, ir.Undefined),
-                                    ir.Constant(_vec(_I32, 8), list(range(8 * h, 8 * h + 8))))
+                                    ir.Constant(_vec(_I32, n), list(range(n * h, n * h + n))))
             out.append(b.sext(half, lane))
     return out
 
@@ -401,17 +427,20 @@ def _emit_qk_45(b, p, with_qh: bool):
     # Q5_K's 5th bit of sub i is bit i of qh[l].  w = (d * sc) * q - (dmin * m)
     d, dmin = _f16_at(b, p, 0), _f16_at(b, p, 2)
     qs_off = 48 if with_qh else 16
-    qh = [_ext8(b, p, 16 + 8 * k) for k in range(4)] if with_qh else None
+    qh = _run(b, p, 16) if with_qh else None
     scales = _k_scales(b, p, 4)
     for c in range(4):
-        qs = [_ext8(b, p, qs_off + 32 * c + 8 * k) for k in range(4)]
+        qs = _run(b, p, qs_off + 32 * c)
         for half in range(2):
             i = 2 * c + half
             q = [b.and_(v, _c(v.type, 0x0F)) if half == 0 else b.lshr(v, _c(v.type, 4)) for v in qs]
             if with_qh:
                 q = [b.or_(v, b.and_(_shift_to(b, h, i, 4), _c(h.type, 16))) for v, h in zip(q, qh)]
-            centre = 16 if with_qh else 8
-            q = [b.sub(v, _c(v.type, centre)) for v in q]
+            # Codes are centred for the float dot (small terms, no cancellation); the integer dot's sums
+            # are exact, so it takes them as stored (bias 0) and saves the subtractions.
+            centre = 0 if _CODE_BITS.get() == 16 else (16 if with_qh else 8)
+            if centre:
+                q = [b.sub(v, _c(v.type, centre)) for v in q]
             sc, mn = scales[i]
             # x - y == x + (-y) exactly, so the offset form decodes like gguf-py's subtraction
             yield _int_piece(b, q, b.fmul(d, b.uitofp(sc, _F32)),
@@ -432,8 +461,8 @@ def _emit_q6_k(b, p, n):
     # high 2 bits = (qh[32h + l] >> 2t) & 3; w = (d * scales[e // 16]) * (q - 32)
     d = _f16_at(b, p, 208)
     for h in range(2):
-        qh = [_ext8(b, p, 128 + 32 * h + 8 * k) for k in range(4)]
-        ql = [[_ext8(b, p, 64 * h + 32 * s + 8 * k) for k in range(4)] for s in range(2)]
+        qh = _run(b, p, 128 + 32 * h)
+        ql = [_run(b, p, 64 * h + 32 * s) for s in range(2)]
         for t in range(4):
             q = []
             for lo, hi in zip(ql[t & 1], qh):

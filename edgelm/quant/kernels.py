@@ -235,7 +235,7 @@ def _prefetch(b, ptr):
     fn = mod.globals.get(name)
     if fn is None:
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), name=name)
-    b.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+    b.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
 
 
 def _dot_rows(b, fmt: QuantFormat, rows, n_in, xp, xsp, pf_bytes=0):
@@ -318,7 +318,10 @@ def _madd16(b, a, c):
 
 
 def _codes16(b, lanes):
-    """4 x <8 x i32> codes (lanes 0..31, each fits int16) -> 2 x <16 x i16> (lanes 0-15, 16-31)."""
+    """A piece's codes (parts of lanes 0..31, each fits int16) -> 2 x <16 x i16> (lanes 0-15, 16-31).
+    Emitters inside `code_bits(16)` already give that; 4 x <8 x i32> parts are narrowed."""
+    if len(lanes) == 2 and lanes[0].type == _V16S:
+        return list(lanes)
     out = []
     for lo, hi in ((lanes[0], lanes[1]), (lanes[2], lanes[3])):
         v = b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
@@ -358,8 +361,9 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
         xscs = _at(b, xscp, i, per_step)
         xss = _at(b, xsp, i, per_step * _VW)
         blk = _at(b, row, i, fmt.step_bytes)
-        if pf_bytes:
-            _prefetch(b, b.gep(blk, [_i64(pf_bytes)]))
+        if pf_bytes:   # every cache line of the block (a super-block spans 2-4 lines)
+            for line in range(0, fmt.step_bytes, 64):
+                _prefetch(b, b.gep(blk, [_i64(pf_bytes + line)]))
         with _formats.code_bits(16):
             pieces = list(fmt.emit(b, blk, fmt.step))
         if fmt.scale_vectors is not None:     # Q4_K / Q5_K: scale the super-block at once
@@ -396,14 +400,18 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
                 off = b.fadd(off, b.fmul(o, _vload(b, xss, _VW * j)))
         return off
 
-    def half_sums(xqs, j, q16):
-        """Codes x fixed-point x over piece j: <8 x float> partial sums of lanes 0-15 and of 16-31."""
-        out = [None, None]
+    def half_sums(xqs, j, q16, merge):
+        """Codes x fixed-point x over piece j: <8 x float> partial sums of lanes 0-15 and of 16-31, or
+        (merge) one <8 x float> of both, added as integers first (exact: one conversion per pass)."""
+        out = [None] if merge else [None, None]
         for p in range(passes):
             base = (j * passes + p) * LANES
-            for h in range(2):
-                xv = b.load(b.bitcast(b.gep(xqs, [_i64(base + 16 * h)]), _V16S.as_pointer()), align=2)
-                v = b.sitofp(_madd16(b, q16[h], xv), _V8F)
+            prods = [_madd16(b, q16[h], b.load(b.bitcast(b.gep(xqs, [_i64(base + 16 * h)]), _V16S.as_pointer()),
+                                                 align=2)) for h in range(2)]
+            if merge:
+                prods = [b.add(*prods)]
+            for h, v in enumerate(prods):
+                v = b.sitofp(v, _V8F)
                 out[h] = v if out[h] is None else b.fadd(out[h], b.fmul(v, low))
         return out
 
@@ -412,12 +420,12 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
         scaled by the format's scale vectors: 8 per-piece scales (Q4_K, Q5_K: + minimums), or 16
         per-half scales (Q6_K)."""
         xqs = _at(b, xqp, i, fmt.step * passes)
-        halves = [half_sums(xqs, j, _codes16(b, pc.lanes)) for j, pc in enumerate(pieces)]
-        sx = _vload(b, _at(b, xscp, i, per_step), 0)        # the 8 blocks' activation scales
         scales, mins = fmt.scale_vectors(b, blk)
+        halves = [half_sums(xqs, j, _codes16(b, pc.lanes), len(scales) == 1) for j, pc in enumerate(pieces)]
+        sx = _vload(b, _at(b, xscp, i, per_step), 0)        # the 8 blocks' activation scales
         k = rot % _NACC_INT
         if len(scales) == 1:
-            sums = _sum_lanes8(b, [b.fadd(h0, h1) for h0, h1 in halves])
+            sums = _sum_lanes8(b, [h[0] for h in halves])
             acc[k] = b.fadd(acc[k], b.fmul(scales[0], b.fmul(sx, sums)))
         else:                                               # lane m of part g: half m of piece 4g + m // 2
             flat = [h for pair in halves for h in pair]
@@ -429,10 +437,12 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
                 acc[kg] = b.fadd(acc[kg], b.fmul(scales[g], b.fmul(sxg, sums)))
         if mins is None:
             return off
-        # codes are centred (q - bias): the bias and the minimums multiply the sums of x
+        # the minimums (and the bias, where codes are centred: q - bias) multiply the sums of x
         xb = _vload(b, _at(b, xbsp, i, per_step), 0)
-        bias = ir.Constant(_V8F, [float(pieces[0].bias)] * _VW)
-        return b.fadd(off, b.fmul(b.fsub(b.fmul(scales[0], bias), mins), xb))
+        if pieces[0].bias:
+            bias = ir.Constant(_V8F, [float(pieces[0].bias)] * _VW)
+            return b.fadd(off, b.fmul(b.fsub(b.fmul(scales[0], bias), mins), xb))
+        return b.fsub(off, b.fmul(mins, xb))
 
     def run(count, first, n_per):
         with cgutils.for_range(b, count) as loop:
@@ -519,18 +529,19 @@ def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, p
         yp = _data_ptr(context, builder, signature.args[12], y_v, yoff_v)
 
         def body(fmt):
-            with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
-                row = builder.gep(base, [builder.mul(loop.index, rb_v)])
-                out = builder.gep(yp, [loop.index])
-                if fmt.block_size == 1:
+            if fmt.block_size == 1:
+                with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
+                    row = builder.gep(base, [builder.mul(loop.index, rb_v)])
                     (dot,) = _dot_rows(builder, fmt, [row], n_v, xp, xsp, _PF_BYTES)
-                    builder.store(dot, out)
-                else:
-                    with builder.if_else(builder.icmp_signed("==", passes_v, _i64(1))) as (one, two):
-                        for n_pass, branch in ((1, one), (2, two)):
-                            with branch:
-                                builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, xbsp, n_pass,
-                                                            _PF_BYTES), out)
+                    builder.store(dot, builder.gep(yp, [loop.index]))
+                return
+            with builder.if_else(builder.icmp_signed("==", passes_v, _i64(1))) as (one, two):
+                for n_pass, branch in ((1, one), (2, two)):
+                    with branch:
+                        with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
+                            row = builder.gep(base, [builder.mul(loop.index, rb_v)])
+                            builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, xbsp, n_pass,
+                                                        _PF_BYTES), builder.gep(yp, [loop.index]))
 
         _per_format(builder, kid_v, body)
         return context.get_dummy_value()
