@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-in", type=int, default=2048)
     ap.add_argument("--mib", type=int, default=256, help="size of each weight matrix")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--passes", default="0,2", help="matvec modes (kernels.set_matvec_passes)")
+    ap.add_argument("--passes", default="0,1,2", help="matvec modes (kernels.set_matvec_passes)")
     ap.add_argument("--md", action="store_true", help="print a markdown table")
     a = ap.parse_args(argv)
     threads = [int(t) for t in a.threads.split(",")]
