@@ -334,10 +334,13 @@ _NACC_INT = 4   # accumulators of the integer dot: one FMA chain each, so 4 bloc
 
 
 def _sum_lanes8(b, vs):
-    """8 vectors <8 x float> -> one whose lane j is the sum of vs[j]'s lanes (a transpose-and-add tree)."""
+    """8 vectors <8 x float> or <8 x i32> -> one whose lane j is the sum of vs[j]'s lanes (a
+    transpose-and-add tree)."""
+    add = b.add if isinstance(vs[0].type.element, ir.IntType) else b.fadd
+
     def pairs(a, c, idx_a, idx_b):
         mask = lambda idx: ir.Constant(ir.VectorType(_I32, _VW), idx)  # noqa: E731
-        return b.fadd(b.shuffle_vector(a, c, mask(idx_a)), b.shuffle_vector(a, c, mask(idx_b)))
+        return add(b.shuffle_vector(a, c, mask(idx_a)), b.shuffle_vector(a, c, mask(idx_b)))
     u = [pairs(vs[k], vs[k + 1], [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15]) for k in (0, 2, 4, 6)]
     v = [pairs(u[k], u[k + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]) for k in (0, 2)]
     return pairs(v[0], v[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
@@ -401,37 +404,41 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
                 off = b.fadd(off, b.fmul(o, _vload(b, xss, _VW * j)))
         return off
 
-    def half_sums(xqs, j, q16, merge):
-        """Codes x fixed-point x over piece j: <8 x float> partial sums of lanes 0-15 and of 16-31, or
-        (merge) one <8 x float> of both, added as integers first (exact: one conversion per pass)."""
-        out = [None] if merge else [None, None]
+    def piece_ints(xqs, j, q16, merge):
+        """Codes x fixed-point x over piece j, per pass: <8 x i32> partial sums of lanes 0-15 and of
+        16-31, or (merge) one of both."""
+        out = []
         for p in range(passes):
             base = (j * passes + p) * LANES
             prods = [_madd16(b, q16[h], b.load(b.bitcast(b.gep(xqs, [_i64(base + 16 * h)]), _V16S.as_pointer()),
                                                  align=2)) for h in range(2)]
-            if merge:
-                prods = [b.add(*prods)]
-            for h, v in enumerate(prods):
-                v = b.sitofp(v, _V8F)
-                out[h] = v if out[h] is None else b.fadd(out[h], b.fmul(v, low))
+            out.append([b.add(*prods)] if merge else prods)
         return out
 
+    def lane_sums(per_pass):
+        """per_pass[p]: 8 <8 x i32> vectors -> <8 x float> of their lane sums, the passes combined: the
+        transpose-and-add runs on the integers (exact), so one conversion per pass, not one per piece."""
+        f = None
+        for p, vs in enumerate(per_pass):
+            v = b.sitofp(_sum_lanes8(b, vs), _V8F)
+            f = v if p == 0 else b.fadd(f, b.fmul(v, low))
+        return f
+
     def _superblock(i, pieces, blk, acc, off, rot):
-        """One super-block of 8 pieces: per-piece sums reduced to one lane each (_sum_lanes8), then
-        scaled by the format's scale vectors: 8 per-piece scales (Q4_K, Q5_K: + minimums), or 16
+        """One super-block of 8 pieces: per-piece integer sums reduced to one lane each (_sum_lanes8),
+        then scaled by the format's scale vectors: 8 per-piece scales (Q4_K, Q5_K: + minimums), or 16
         per-half scales (Q6_K)."""
         xqs = _at(b, xqp, i, fmt.step * passes)
         scales, mins = fmt.scale_vectors(b, blk)
-        halves = [half_sums(xqs, j, _codes16(b, pc.lanes), len(scales) == 1) for j, pc in enumerate(pieces)]
+        ints = [piece_ints(xqs, j, _codes16(b, pc.lanes), len(scales) == 1) for j, pc in enumerate(pieces)]
         sx = _vload(b, _at(b, xscp, i, per_step), 0)        # the 8 blocks' activation scales
         k = rot % _NACC_INT
         if len(scales) == 1:
-            sums = _sum_lanes8(b, [h[0] for h in halves])
+            sums = lane_sums([[ints[j][p][0] for j in range(8)] for p in range(passes)])
             acc[k] = b.fadd(acc[k], b.fmul(scales[0], b.fmul(sx, sums)))
         else:                                               # lane m of part g: half m of piece 4g + m // 2
-            flat = [h for pair in halves for h in pair]
             for g in range(2):
-                sums = _sum_lanes8(b, flat[8 * g:8 * g + 8])
+                sums = lane_sums([[h for j in range(4 * g, 4 * g + 4) for h in ints[j][p]] for p in range(passes)])
                 sxg = b.shuffle_vector(sx, ir.Constant(_V8F, ir.Undefined),
                                        ir.Constant(ir.VectorType(_I32, _VW), [4 * g + m // 2 for m in range(8)]))
                 kg = (k + g) % _NACC_INT
