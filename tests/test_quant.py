@@ -385,12 +385,26 @@ def test_large_parallel_paths(qtype):
     x = rng.standard_normal(n_in).astype(np.float32)
     out = np.empty(n_out, np.float32)
     assert matvec(raw, qtype, n_out, n_in, x, out=out) is out
-    _assert_close(out, ref64 @ x, np.abs(ref64) @ np.abs(x))
+    err = np.abs(out.astype(np.float64) - ref64 @ x)        # the default mode's fixed-point bound, as above
+    assert np.all(err <= 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, kernels._PASSES[0]))
     X = rng.standard_normal((131, n_in)).astype(np.float32)
     Y = np.empty((131, n_out), np.float32)
     assert matmul(raw, qtype, n_out, n_in, X, out=Y) is Y
     _assert_close(Y, X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
     assert np.array_equal(_bits(dequantize(raw, qtype, n_in)), _bits(ref))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q5_0, T.Q8_0, T.F16, T.MXFP4], ids=lambda t: t.name)
+def test_matmul_rows_longer_than_one_k_range(qtype):
+    """Rows longer than kernels._KW are decoded and applied a k-range at a time, later ranges added into
+    the output: 4352 = 2048 + 2048 + 256 (a short last range), tiles and panels both ragged."""
+    n_out, n_in = 53, 2 * kernels._KW + 256
+    raw, ref = make_tensor(qtype, n_out, n_in, seed=4)
+    ref64 = ref.astype(np.float64)
+    rng = np.random.default_rng(9)
+    for m in (2, 19):
+        X = (rng.standard_normal((m, n_in)) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
+        _assert_close(matmul(raw, qtype, n_out, n_in, X), X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
 
 
 def test_readonly_memmap_input(tmp_path):
