@@ -10,7 +10,7 @@ from edgelm.quant import kernels
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
-         T.MXFP4]
+         T.MXFP4, T.IQ4_NL, T.IQ4_XS]
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
 
 
@@ -29,7 +29,7 @@ def _random_blocks(rng, qtype, n_rows, n_in):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n_rows * n_in // block
     raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]  # f16 d (, dmin)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}[qtype]  # f16 d (, dmin)
     for off in scale_offsets:
         d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
         d[::7] = 0.0  # some all-zero blocks
@@ -90,7 +90,7 @@ def test_row_bytes(qtype):
             row_bytes(qtype, n_in + 1)
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_NL, T.Q8_1, 999], ids=str)
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ2_XXS, T.Q8_1, 999], ids=str)
 def test_unsupported_type_is_named(qtype):
     name = qtype.name if isinstance(qtype, T) else "999"
     with pytest.raises(UnsupportedError, match=name):
@@ -233,9 +233,26 @@ def test_madd16_both_paths(x86, monkeypatch):
     assert np.array_equal(out, prod[0::2] + prod[1::2])
 
 
+def _iq4_nl_every_code():
+    """IQ4_NL blocks whose code bytes take all 256 values, under scales 1, -0.5 and a subnormal f16."""
+    raw = np.empty((3, 16, 18), np.uint8)
+    raw[:, :, 0:2] = np.array([1.0, -0.5, 6e-8], np.float16).view(np.uint8).reshape(3, 1, 2)
+    raw[:, :, 2:] = np.arange(256, dtype=np.uint8).reshape(16, 16)[None]
+    raw = raw.reshape(-1, 18)
+    return raw, gguf.quants.dequantize(raw, T.IQ4_NL).reshape(-1, 32).astype(np.float32)
+
+
+# (block bytes, code offset, the lanes emitter, the scale, every-code blocks) per table-lookup format
+_LOOKUPS = {
+    "MXFP4": (17, 1, "_mxfp4_lanes", lambda f, b, p: f._e8m0_half(b, p, 0), _mxfp4_every_block),
+    "IQ4_NL": (18, 2, "_iq4nl_lanes", lambda f, b, p: f._f16_splat(b, p, 0), _iq4_nl_every_code),
+}
+
+
+@pytest.mark.parametrize("fmt", list(_LOOKUPS))
 @pytest.mark.parametrize("bits", [32, 16], ids=["i32-lanes", "i16-lanes"])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["portable", "pshufb"])
-def test_mxfp4_both_lookup_paths(shuffle, bits):
+def test_table_lookup_both_paths(shuffle, bits, fmt):
     """The byte-shuffle lookup (x86 SSSE3) and the portable arithmetic one are both exact, whichever
     the kernels use on this machine, in the float dot's 32-bit lanes and the integer dot's 16-bit ones."""
     from llvmlite import ir
@@ -247,18 +264,19 @@ def test_mxfp4_both_lookup_paths(shuffle, bits):
 
     if shuffle and not formats._SSSE3:
         pytest.skip("target has no SSSE3")
+    size, code_off, lanes_name, scale_of, blocks = _LOOKUPS[fmt]
 
     @intrinsic
     def decode_block(typingctx, src, dst, i):
         def codegen(context, builder, sig, args):
             s = context.make_array(sig.args[0])(context, builder, value=args[0]).data
             d = context.make_array(sig.args[1])(context, builder, value=args[1]).data
-            p = builder.gep(s, [builder.mul(args[2], ir.Constant(ir.IntType(64), 17))])
+            p = builder.gep(s, [builder.mul(args[2], ir.Constant(ir.IntType(64), size))])
             with formats.code_bits(bits):
-                parts = formats._mxfp4_lanes(builder, p, 1, shuffle=shuffle)
+                parts = getattr(formats, lanes_name)(builder, p, code_off, shuffle=shuffle)
             assert [v.type.count for v in parts] == [256 // bits] * (bits // 8)
             q = formats._codes(builder, parts)
-            w = decode_piece(builder, formats.Piece(q, formats._e8m0_half(builder, p, 0)))
+            w = decode_piece(builder, formats.Piece(q, scale_of(formats, builder, p)))
             fp = builder.gep(d, [builder.mul(args[2], ir.Constant(ir.IntType(64), 32))])
             builder.store(w, builder.bitcast(fp, w.type.as_pointer()), align=4)
             return context.get_dummy_value()
@@ -266,10 +284,10 @@ def test_mxfp4_both_lookup_paths(shuffle, bits):
 
     @njit
     def decode(src, dst):
-        for i in range(src.size // 17):
+        for i in range(src.size // size):
             decode_block(src, dst, i)
 
-    raw, ref = _mxfp4_every_block()
+    raw, ref = blocks()
     got = np.empty(ref.size, np.float32)
     decode(raw.reshape(-1), got)
     assert np.array_equal(_bits(got), _bits(ref.reshape(-1)))

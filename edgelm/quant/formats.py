@@ -384,30 +384,52 @@ def _e2m1_codes(b: ir.IRBuilder, v):
     return b.sub(b.xor(mag, neg), neg)  # integer negation: code 8 is +0 as in gguf-py
 
 
-def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
-    """16 bytes of E2M1 code pairs at `off` -> kvalues of elements 0..31 (low nibbles, then high)
+# IQ4_NL: 16 non-uniform int8 levels.  Layout: ggml/src/ggml-common.h block_iq4_nl (f16 d; qs[16], low
+# nibble = elem j, high = elem j+16); levels: kvalues_iq4nl in ggml-common.h (= gguf-py quants.py
+# IQ4_NL.kvalues); decoding: gguf-py quants.py class IQ4_NL, w = d * kvalues[q].
+_IQ4NL_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _byte_table_codes(table):
+    """A portable lookup of 16 signed byte levels for 4-bit codes in 32-bit lanes: the levels packed
+    4 to a word, the word picked by code >> 2 (three selects), the byte by a shift of (code & 3) * 8."""
+    words = [sum((table[4 * w + k] & 0xFF) << (8 * k) for k in range(4)) for w in range(4)]
+
+    def codes(b: ir.IRBuilder, v):
+        t = v.type
+        hi = b.and_(b.lshr(v, _c(t, 2)), _c(t, 3))
+        word = _c(t, words[3])
+        for w in (2, 1, 0):
+            word = b.select(b.icmp_unsigned("==", hi, _c(t, w)), _c(t, words[w]), word)
+        byte = b.and_(b.lshr(word, b.shl(b.and_(v, _c(t, 3)), _c(t, 3))), _c(t, 0xFF))
+        return b.sub(b.xor(byte, _c(t, 0x80)), _c(t, 0x80))           # sign-extend the byte
+    return codes
+
+
+def _table_lanes(b: ir.IRBuilder, p, off: int, table, portable, shuffle: bool | None = None):
+    """16 bytes of 4-bit code pairs at `off` -> table[code] of elements 0..31 (low nibbles, then high)
     as parts (see `_run`).  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
-    has no variable-index shuffle); elsewhere the portable arithmetic of `_e2m1_codes` (about 2x
-    the instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
+    has no variable-index shuffle); elsewhere `portable(b, <8 x i32> codes)` (about 2x the
+    instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
     n = _part_lanes()
     lane = _vec(_lane_int(), n)
     if not (_SSSE3 if shuffle is None else shuffle):
-        token = _CODE_BITS.set(32)           # the table lookup shifts by up to 28 bits
+        token = _CODE_BITS.set(32)           # the portable lookups shift by up to 28 bits
         try:
             a, c = _run(b, p, off, 16)
         finally:
             _CODE_BITS.reset(token)
         t = a.type
-        codes = [_e2m1_codes(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
+        codes = [portable(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
         return codes if t.element == lane.element else _regroup(b, [b.trunc(v, _vec(lane.element, 8)) for v in codes])
     t = _vec(_I8, 16)
     name = "llvm.x86.ssse3.pshuf.b.128"
     fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(t, [t, t]), name=name)
     v = _load(b, p, off, t)
-    table = ir.Constant(t, list(_MXFP4_KVALUES))
+    consts = ir.Constant(t, list(table))
     out = []
     for idx in (b.and_(v, _c(t, 0x0F)), b.lshr(v, _c(t, 4))):  # indexes 0..15 (bit 7 clear)
-        q = b.call(fn, [table, idx])
+        q = b.call(fn, [consts, idx])
         for h in range(16 // n):
             half = b.shuffle_vector(q, ir.Constant(t, ir.Undefined),
                                     ir.Constant(_vec(_I32, n), list(range(n * h, n * h + n))))
@@ -415,9 +437,41 @@ def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
     return out
 
 
+def _mxfp4_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
+    """MXFP4's E2M1 codes -> kvalues (see `_table_lanes`; the portable path is `_e2m1_codes`)."""
+    return _table_lanes(b, p, off, _MXFP4_KVALUES, _e2m1_codes, shuffle)
+
+
+_iq4nl_portable = _byte_table_codes(_IQ4NL_KVALUES)
+
+
+def _iq4nl_lanes(b: ir.IRBuilder, p, off: int, shuffle: bool | None = None):
+    """IQ4_NL's codes -> kvalues_iq4nl (see `_table_lanes`)."""
+    return _table_lanes(b, p, off, _IQ4NL_KVALUES, _iq4nl_portable, shuffle)
+
+
 def _emit_mxfp4(b, p, n):
     # block_mxfp4: u8 e (E8M0); qs[16] (low nibble = elem j, high = elem j+16).  w = d * kvalues[q]
     yield _int_piece(b, _mxfp4_lanes(b, p, 1), _e8m0_half(b, p, 0))
+
+
+def _emit_iq4_nl(b, p, n):
+    # block_iq4_nl: f16 d; qs[16] (low nibble = elem j, high = elem j+16).  w = d * kvalues_iq4nl[q]
+    yield _int_piece(b, _iq4nl_lanes(b, p, 2), _f16_splat(b, p, 0))
+
+
+def _emit_iq4_xs(b, p, n):
+    # block_iq4_xs (ggml-common.h): f16 d; u16 scales_h; u8 scales_l[4]; qs[128].  Sub-block j of 32:
+    # ls = (scales_l[j/2] >> 4*(j%2)) & 15 | ((scales_h >> 2j) & 3) << 4; qs[16j : 16j+16] as in IQ4_NL.
+    # w = (d * (ls - 32)) * kvalues_iq4nl[q]   (gguf-py quants.py class IQ4_XS: dl = d * scales; dl * q)
+    d = _f16_at(b, p, 0)
+    scales_h = b.zext(_load(b, p, 2, _I16), _I32)
+    k = lambda v: ir.Constant(_I32, v)  # noqa: E731
+    for j in range(8):
+        lo = b.and_(b.lshr(b.zext(_load(b, p, 4 + j // 2, _I8), _I32), k(4 * (j % 2))), k(15))
+        hi = b.and_(b.lshr(scales_h, k(2 * j)), k(3))
+        ls = b.sub(b.or_(lo, b.shl(hi, k(4))), k(32))
+        yield _int_piece(b, _iq4nl_lanes(b, p, 8 + 16 * j), b.fmul(d, b.sitofp(ls, _F32)))
 
 
 def _emit_qk_45(b, p, with_qh: bool):
@@ -519,6 +573,8 @@ def _table() -> dict[int, QuantFormat]:
         (13, "Q5_K", 256, 176, _emit_q5_k),
         (14, "Q6_K", 256, 210, _emit_q6_k),
         (39, "MXFP4", 32, 17, _emit_mxfp4),
+        (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
+        (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
     ]
     vectors = {12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
     return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
