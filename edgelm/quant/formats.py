@@ -174,6 +174,27 @@ def _q6_k_scale_vectors(b: ir.IRBuilder, p):
     return [b.fmul(d, b.sitofp(_load(b, p, 192 + 8 * g, _vec(_I8, 8)), _vec(_F32, 8))) for g in range(2)], None
 
 
+def _q3_k_scale_vectors(b: ir.IRBuilder, p):
+    """Q3_K: the 16 scales (6-bit, minus 32) times d as two <8 x float> (scales 0-7, 8-15), unpacked as in
+    `_q3_k_scales` by byte picks and per-lane shifts of scales[12]; no minimums."""
+    t8 = _vec(_I8, 16)
+    s = _load(b, p, 94, t8)                 # bytes 94..109: scales[12] at lanes 2..13 (the block's last 16 bytes)
+    t = _vec(_I32, 8)
+
+    def pick(idx):
+        return b.zext(b.shuffle_vector(s, ir.Constant(t8, ir.Undefined), ir.Constant(t, idx)), t)
+    low = pick([2 + i for i in range(8)])           # scales[0..7]
+    high = pick([10, 11, 12, 13] * 2)               # scales[8..11], twice
+    d = _f16_splat(b, p, 108)
+    out = []
+    for g in range(2):                      # scales 8g .. 8g + 7
+        lo = b.and_(low, _c(t, 15)) if g == 0 else b.lshr(low, _c(t, 4))
+        hi = b.and_(b.lshr(high, ir.Constant(t, [4 * g + 2 * (i // 4) for i in range(8)])), _c(t, 3))
+        sc = b.sub(b.or_(lo, b.shl(hi, _c(t, 4))), _c(t, 32))
+        out.append(b.fmul(d, b.sitofp(sc, _vec(_F32, 8))))
+    return out, None
+
+
 def _k_scales(b: ir.IRBuilder, p, off: int):
     """The 8 packed 6-bit (scale, min) pairs of Q4_K / Q5_K as i32 (ggml get_scale_min_k4)."""
     s = [b.zext(_load(b, p, off + i, _I8), _I32) for i in range(12)]
@@ -529,6 +550,49 @@ def _emit_q6_k(b, p, n):
             yield _int_piece(b, q, (dl0, dl1))
 
 
+def _q3_k_scales(b: ir.IRBuilder, p, off: int):
+    """The 16 packed 6-bit scales of Q3_K, minus 32, as i32: scale i has its low 4 bits in nibble i // 8
+    of byte i % 8 and its high 2 bits at bits 2 * (i // 4) of byte 8 + i % 4 (gguf-py quants.py Q3_K)."""
+    s = [b.zext(_load(b, p, off + i, _I8), _I32) for i in range(12)]
+    k = lambda v: ir.Constant(_I32, v)  # noqa: E731
+    out = []
+    for i in range(16):
+        lo = b.and_(s[i % 8], k(15)) if i < 8 else b.lshr(s[i % 8], k(4))
+        hi = b.and_(b.lshr(s[8 + i % 4], k(2 * (i // 4))), k(3))
+        out.append(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)))
+    return out
+
+
+def _byte_parts(b: ir.IRBuilder, v):
+    """<32 x i8> of signed codes (lanes 0..31) -> the current parts (see `_run`), sign-extended."""
+    n = _part_lanes()
+    lane = _vec(_lane_int(), n)
+    return [b.sext(b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                    ir.Constant(_vec(_I32, n), list(range(n * k, n * k + n)))), lane)
+            for k in range(32 // n)]
+
+
+def _emit_q3_k(b, p, n):
+    # block_q3_K: hmask[32], qs[64], scales[12] (6-bit, packed), f16 d (last).  Element 128h + 32s + l
+    # (h < 2, s < 4, l < 32): low 2 bits (qs[32h + l] >> 2s) & 3, high bit (hmask[l] >> (4h + s)) & 1;
+    # q = low - (high ? 0 : 4); w = (d * (scale[e // 16] - 32)) * q   (gguf-py quants.py class Q3_K)
+    # The bit work runs on 32 bytes at once, before the codes are widened (byte shifts are word shifts
+    # plus the mask, which drops the bits shifted across).
+    t = _vec(_I8, 32)
+    d = _f16_at(b, p, 108)
+    hmask = _load(b, p, 0, t)
+    scales = _q3_k_scales(b, p, 96)
+    for h in range(2):
+        qs = _load(b, p, 32 + 32 * h, t)
+        for s in range(4):
+            c = 4 * h + s
+            lo = b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3))
+            hi = b.and_(_shift_to(b, hmask, c, 2), _c(t, 4))
+            q = b.sub(b.or_(lo, hi), _c(t, 4))
+            dl = [b.fmul(d, b.sitofp(scales[2 * c + k], _F32)) for k in range(2)]
+            yield _int_piece(b, _byte_parts(b, q), tuple(dl))
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +633,7 @@ def _table() -> dict[int, QuantFormat]:
         (3, "Q4_1", 32, 20, _emit_q4_1),
         (6, "Q5_0", 32, 22, _emit_q5_0),
         (7, "Q5_1", 32, 24, _emit_q5_1),
+        (11, "Q3_K", 256, 110, _emit_q3_k),
         (12, "Q4_K", 256, 144, _emit_q4_k),
         (13, "Q5_K", 256, 176, _emit_q5_k),
         (14, "Q6_K", 256, 210, _emit_q6_k),
@@ -576,7 +641,7 @@ def _table() -> dict[int, QuantFormat]:
         (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
         (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
     ]
-    vectors = {12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
+    vectors = {11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
     return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
 
 
