@@ -10,7 +10,7 @@ from edgelm.quant import kernels
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
-         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K]
+         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K]
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
 
 
@@ -29,7 +29,7 @@ def _random_blocks(rng, qtype, n_rows, n_in):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n_rows * n_in // block
     raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q3_K: (108,)}[qtype]  # f16 d (, dmin)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q3_K: (108,), T.Q2_K: (80, 82)}[qtype]  # f16 d (, dmin)
     for off in scale_offsets:
         d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
         d[::7] = 0.0  # some all-zero blocks
@@ -90,7 +90,7 @@ def test_row_bytes(qtype):
             row_bytes(qtype, n_in + 1)
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.IQ2_XXS, T.TQ1_0, T.Q8_1, 999], ids=str)
+@pytest.mark.parametrize("qtype", [T.IQ3_S, T.IQ2_XXS, T.TQ1_0, T.Q8_1, 999], ids=str)
 def test_unsupported_type_is_named(qtype):
     name = qtype.name if isinstance(qtype, T) else "999"
     with pytest.raises(UnsupportedError, match=name):
@@ -552,7 +552,7 @@ def test_fused_errors():
     with pytest.raises(ValueError):
         FusedLinear([(raw, T.Q8_0, 5)], 64)                      # wrong n_out
     with pytest.raises(UnsupportedError):
-        FusedLinear([(raw, T.Q2_K, 4)], 64)
+        FusedLinear([(raw, T.IQ2_XXS, 4)], 64)
     f = FusedLinear([(raw, T.Q8_0, 4)], 64)
     with pytest.raises(ValueError):
         f(np.zeros((2, 32), np.float32))

@@ -174,6 +174,19 @@ def _q6_k_scale_vectors(b: ir.IRBuilder, p):
     return [b.fmul(d, b.sitofp(_load(b, p, 192 + 8 * g, _vec(_I8, 8)), _vec(_F32, 8))) for g in range(2)], None
 
 
+def _q2_k_scale_vectors(b: ir.IRBuilder, p):
+    """Q2_K: the 16 scales times d and the 16 minimums times dmin, each as two <8 x float> (sub-blocks 0-7,
+    8-15 of 16 elements): ([d * (sc & 15)], [dmin * (sc >> 4)]) from scales[16]."""
+    t = _vec(_I32, 8)
+    d, dmin = _f16_splat(b, p, 80), _f16_splat(b, p, 82)
+    scales, mins = [], []
+    for g in range(2):
+        sc = b.zext(_load(b, p, 8 * g, _vec(_I8, 8)), t)
+        scales.append(b.fmul(d, b.uitofp(b.and_(sc, _c(t, 15)), _vec(_F32, 8))))
+        mins.append(b.fmul(dmin, b.uitofp(b.lshr(sc, _c(t, 4)), _vec(_F32, 8))))
+    return scales, mins
+
+
 def _q3_k_scale_vectors(b: ir.IRBuilder, p):
     """Q3_K: the 16 scales (6-bit, minus 32) times d as two <8 x float> (scales 0-7, 8-15), unpacked as in
     `_q3_k_scales` by byte picks and per-lane shifts of scales[12]; no minimums."""
@@ -572,6 +585,27 @@ def _byte_parts(b: ir.IRBuilder, v):
             for k in range(32 // n)]
 
 
+def _emit_q2_k(b, p, n):
+    # block_q2_K: scales[16] (low nibble: scale, high: minimum, per 16 elements), qs[64], f16 d, f16 dmin.
+    # Element 128h + 32s + l (h < 2, s < 4, l < 32): q = (qs[32h + l] >> 2s) & 3;
+    # w = (d * (sc & 15)) * q - (dmin * (sc >> 4)), sc = scales[e // 16]   (gguf-py quants.py class Q2_K)
+    t = _vec(_I8, 32)
+    d, dmin = _f16_at(b, p, 80), _f16_at(b, p, 82)
+    # centred codes for the float dot (as Q4_K); the integer dot takes them as stored
+    centre = 0 if _CODE_BITS.get() == 16 else 2
+    for h in range(2):
+        qs = _load(b, p, 16 + 32 * h, t)
+        for s in range(4):
+            c = 4 * h + s
+            q = b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3))
+            if centre:
+                q = b.sub(q, _c(t, centre))
+            sc = [b.zext(_load(b, p, 2 * c + k, _I8), _I32) for k in range(2)]
+            dl = tuple(b.fmul(d, b.uitofp(b.and_(v, ir.Constant(_I32, 15)), _F32)) for v in sc)
+            ml = tuple(b.fneg(b.fmul(dmin, b.uitofp(b.lshr(v, ir.Constant(_I32, 4)), _F32))) for v in sc)
+            yield _int_piece(b, _byte_parts(b, q), dl, ml, centre)
+
+
 def _emit_q3_k(b, p, n):
     # block_q3_K: hmask[32], qs[64], scales[12] (6-bit, packed), f16 d (last).  Element 128h + 32s + l
     # (h < 2, s < 4, l < 32): low 2 bits (qs[32h + l] >> 2s) & 3, high bit (hmask[l] >> (4h + s)) & 1;
@@ -608,7 +642,8 @@ class QuantFormat:
     type_size: int          # bytes per block
     emit: Emitter           # IR for one block -> Pieces (see "Emitters" above)
     # Super-block types (8 pieces): their scales as <8 x float> vectors, ([d * sc_j], dmin * m_j) for Q4_K /
-    # Q5_K, ([d * s_0..7, d * s_8..15], None) for Q6_K, so the integer dot scales a whole super-block at once.
+    # Q5_K, ([d * s_0..7, d * s_8..15], None) for Q6_K and Q3_K, and with per-16 minimums as a pair of vectors
+    # too for Q2_K, so the integer dot scales a whole super-block at once.
     scale_vectors: Callable | None = None
     # Future per-type fast paths (int8 dot, repacked layouts) hang off this row as extra fields.
 
@@ -633,6 +668,7 @@ def _table() -> dict[int, QuantFormat]:
         (3, "Q4_1", 32, 20, _emit_q4_1),
         (6, "Q5_0", 32, 22, _emit_q5_0),
         (7, "Q5_1", 32, 24, _emit_q5_1),
+        (10, "Q2_K", 256, 84, _emit_q2_k),
         (11, "Q3_K", 256, 110, _emit_q3_k),
         (12, "Q4_K", 256, 144, _emit_q4_k),
         (13, "Q5_K", 256, 176, _emit_q5_k),
@@ -641,7 +677,7 @@ def _table() -> dict[int, QuantFormat]:
         (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
         (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
     ]
-    vectors = {11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
+    vectors = {10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
     return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
 
 

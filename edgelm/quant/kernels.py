@@ -171,7 +171,13 @@ def _steps(builder, fmt, n_in):
 
 
 def _bcast(b, v, n=_VW):
-    """A float as <n x float>: scalars are splatted, equal-lane vectors re-shaped."""
+    """A float as <n x float>: scalars are splatted, equal-lane vectors re-shaped; a pair (per-16-lane
+    values, Q6_K / Q3_K scales, Q2_K minimums) fills the first n/2 lanes and the last n/2 (the halves of a
+    piece, or of its 8 lanes of x sums, which hold elements 0-15 in lanes 0-3)."""
+    if isinstance(v, tuple):
+        lo, hi = v
+        return b.shuffle_vector(splat(b, lo, n // 2), splat(b, hi, n // 2),
+                                ir.Constant(ir.VectorType(_I32, n), list(range(n))))
     if isinstance(v.type, ir.VectorType):
         if v.type.count == n:
             return v
@@ -187,12 +193,7 @@ def decode_piece(b, pc: Piece):
         q = b.fadd(q, ir.Constant(q.type, [float(pc.bias)] * n))
     if pc.scale is None:
         w = q
-    elif isinstance(pc.scale, tuple):  # per-16-lane scales (Q6_K)
-        lo, hi = pc.scale
-        s = b.shuffle_vector(splat(b, lo, n // 2), splat(b, hi, n // 2),
-                             ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        w = b.fmul(s, q)
-    else:
+    else:                              # (a pair: per-16-lane scales, see _bcast)
         w = b.fmul(_bcast(b, pc.scale, n), q)
     if pc.offset is not None:
         w = b.fadd(w, _bcast(b, pc.offset, n))
@@ -242,7 +243,8 @@ def _prefetch(b, ptr):
 def _dot_rows(b, fmt: QuantFormat, rows, n_in, xp, xsp, pf_bytes=0):
     """Dot products of the rows at byte pointers `rows` with x; returns one float per row.
 
-    xsp: sums of x, 8 lanes per 32 elements (xs8[8g + l] = sum_k x[32g + 8k + l])."""
+    xsp: sums of x, 8 lanes per 32 elements (xs8[8g + l] = sum_k x[32g + 4l + k], k < 4: lanes 0-3 sum the
+    first 16 elements, so a pair of per-16 offsets applies as one vector, see _bcast)."""
     zero = ir.Constant(_V8F, [0.0] * _VW)
     acc_p = [[cgutils.alloca_once_value(b, zero) for _ in range(_NACC)] for _ in rows]
     off_p = [cgutils.alloca_once_value(b, zero) for _ in rows]
@@ -444,6 +446,13 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
                 kg = (k + g) % _NACC_INT
                 acc[kg] = b.fadd(acc[kg], b.fmul(scales[g], b.fmul(sxg, sums)))
         if mins is None:
+            return off
+        if isinstance(mins, list):   # per-16 minimums (Q2_K): piece j's pair against its 8 lanes of x sums
+            xss = _at(b, xsp, i, per_step * _VW)
+            for j in range(len(pieces)):
+                pair = ir.Constant(ir.VectorType(_I32, _VW), [2 * (j % 4) + m // 4 for m in range(_VW)])
+                m = b.shuffle_vector(mins[j // 4], ir.Constant(_V8F, ir.Undefined), pair)
+                off = b.fsub(off, b.fmul(m, _vload(b, xss, _VW * j)))
             return off
         # the minimums (and the bias, where codes are centred: q - bias) multiply the sums of x
         xb = _vload(b, _at(b, xbsp, i, per_step), 0)
@@ -785,11 +794,11 @@ def _build(fingerprint: str) -> SimpleNamespace:
         passes 0: the float dot; 1 or 2: the integer dot with x in `passes` int16 codes per element."""
         fingerprint  # noqa: B018  (part of the cache key, see module docstring)
         npc = n_in // 32
-        xs8 = np.empty(npc * 8, np.float32)  # sums of x per 32 elements, 8 lanes each
+        xs8 = np.empty(npc * 8, np.float32)  # sums of x per 32 elements, 8 lanes of 4 neighbours each
         for g in range(npc):
             for lane in range(8):
-                b = 32 * g + lane
-                xs8[8 * g + lane] = (x[b] + x[b + 8]) + (x[b + 16] + x[b + 24])
+                b = 32 * g + 4 * lane
+                xs8[8 * g + lane] = (x[b] + x[b + 1]) + (x[b + 2] + x[b + 3])
         xbs = np.empty(npc, np.float32)      # sums of x per 32 elements
         for g in range(npc):
             xbs[g] = ((xs8[8 * g] + xs8[8 * g + 1]) + (xs8[8 * g + 2] + xs8[8 * g + 3])) + \
