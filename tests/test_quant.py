@@ -10,7 +10,7 @@ from edgelm.quant import kernels
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
-         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K]
+         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K, T.TQ1_0, T.TQ2_0]
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
 
 
@@ -29,7 +29,8 @@ def _random_blocks(rng, qtype, n_rows, n_in):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n_rows * n_in // block
     raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q3_K: (108,), T.Q2_K: (80, 82)}[qtype]  # f16 d (, dmin)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q3_K: (108,), T.Q2_K: (80, 82),
+                     T.TQ1_0: (52,), T.TQ2_0: (64,)}[qtype]  # f16 d (, dmin)
     for off in scale_offsets:
         d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
         d[::7] = 0.0  # some all-zero blocks
@@ -90,7 +91,7 @@ def test_row_bytes(qtype):
             row_bytes(qtype, n_in + 1)
 
 
-@pytest.mark.parametrize("qtype", [T.IQ3_S, T.IQ2_XXS, T.TQ1_0, T.Q8_1, 999], ids=str)
+@pytest.mark.parametrize("qtype", [T.IQ3_S, T.IQ2_XXS, T.IQ1_M, T.Q8_1, 999], ids=str)
 def test_unsupported_type_is_named(qtype):
     name = qtype.name if isinstance(qtype, T) else "999"
     with pytest.raises(UnsupportedError, match=name):
@@ -178,6 +179,21 @@ def test_mxfp4_every_exponent_and_code():
     ids = np.array([0, 1, 255, 254, 127, 128, 2])
     assert np.array_equal(_bits(get_rows(raw.reshape(256, -1), T.MXFP4, 512, ids)),
                           _bits(ref.reshape(256, 512)[ids]))
+
+
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0],
+                         ids=lambda t: t.name)
+def test_random_raw_blocks(qtype):
+    """Every byte pattern a file may hold (not only what a quantizer writes: TQ1_0 bytes above 242, TQ2_0
+    code 3, any packed scale) decodes as gguf-py decodes it, and the integer dot agrees with it."""
+    rng = np.random.default_rng(int(qtype) + 40)
+    raw = _random_blocks(rng, qtype, 6, 512)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(6, 512).astype(np.float32)
+    assert np.array_equal(_bits(dequantize(raw, qtype, 512)), _bits(ref))
+    x = rng.standard_normal(512).astype(np.float32)
+    ref64 = ref.astype(np.float64)
+    err = np.abs(matvec(raw, qtype, 6, 512, x).astype(np.float64) - ref64 @ x)
+    assert np.all(err <= 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, kernels._PASSES[0]) + 1e-30)
 
 
 def test_mxfp4_random_raw_blocks():

@@ -585,6 +585,57 @@ def _byte_parts(b: ir.IRBuilder, v):
             for k in range(32 // n)]
 
 
+def _emit_tq2_0(b, p, n):
+    # block_tq2_0: qs[64], f16 d (last).  Element 128h + 32s + l: q = ((qs[32h + l] >> 2s) & 3) - 1;
+    # w = d * q   (gguf-py quants.py class TQ2_0)
+    t = _vec(_I8, 32)
+    d = _f16_splat(b, p, 64)
+    for h in range(2):
+        qs = _load(b, p, 32 * h, t)
+        for s in range(4):
+            q = b.sub(b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3)), _c(t, 1))
+            yield _int_piece(b, _byte_parts(b, q), d)
+
+
+def _trits(b: ir.IRBuilder, v, mults):
+    """Base-3 digits of TQ1_0's packed bytes: ((u8)(v * mult) * 3) >> 8, minus 1, per byte lane (the
+    multiply wraps at 256 as in gguf-py's uint8 arithmetic, moving the wanted digit to the top)."""
+    t = v.type
+    m = b.mul(v, ir.Constant(t, list(mults)))
+    w = _vec(_I16, t.count)
+    top = b.lshr(b.mul(b.zext(m, w), _c(w, 3)), _c(w, 8))
+    return b.sub(b.trunc(top, t), _c(t, 1))
+
+
+def _emit_tq1_0(b, p, n):
+    # block_tq1_0: qs[48], qh[4], f16 d.  5 trits per byte of qs, 4 per byte of qh; digit m of a byte
+    # is ((u8)(byte * 3^m) * 3) >> 8.  Elements: 32m + l from qs[l] (m < 5, l < 32); 160 + 16m + l from
+    # qs[32 + l] (l < 16); 240 + 4m + l from qh[l] (m, l < 4).  w = d * (digit - 1)
+    # (gguf-py quants.py class TQ1_0)
+    t = _vec(_I8, 32)
+    d = _f16_splat(b, p, 52)
+    qs0 = _load(b, p, 0, t)
+    for m in range(5):
+        yield _int_piece(b, _byte_parts(b, _trits(b, qs0, [3 ** m] * 32)), d)
+    t16 = _vec(_I8, 16)
+    qs1 = _load(b, p, 32, t16)
+    both = b.shuffle_vector(qs1, qs1, ir.Constant(_vec(_I32, 32), list(range(16)) * 2))
+    for m in (0, 2):
+        yield _int_piece(b, _byte_parts(b, _trits(b, both, [3 ** m] * 16 + [3 ** (m + 1)] * 16)), d)
+    qh = b.shuffle_vector(_load(b, p, 48, _vec(_I8, 4)), ir.Constant(_vec(_I8, 4), ir.Undefined),
+                          ir.Constant(_vec(_I32, 16), list(range(4)) * 4))
+    last = b.shuffle_vector(qs1, qh, ir.Constant(_vec(_I32, 32), list(range(16)) + [16 + l for l in range(4)] * 4))
+    mults = [81] * 16 + [3 ** (k // 4) for k in range(16)]
+    yield _int_piece(b, _byte_parts(b, _trits(b, last, mults)), d)
+
+
+def _ternary_scale_vectors(offset: int):
+    """TQ1_0 / TQ2_0: one scale d per super-block, for all 8 pieces; no minimums."""
+    def vectors(b: ir.IRBuilder, p):
+        return [_f16_splat(b, p, offset)], None
+    return vectors
+
+
 def _emit_q2_k(b, p, n):
     # block_q2_K: scales[16] (low nibble: scale, high: minimum, per 16 elements), qs[64], f16 d, f16 dmin.
     # Element 128h + 32s + l (h < 2, s < 4, l < 32): q = (qs[32h + l] >> 2s) & 3;
@@ -669,6 +720,8 @@ def _table() -> dict[int, QuantFormat]:
         (6, "Q5_0", 32, 22, _emit_q5_0),
         (7, "Q5_1", 32, 24, _emit_q5_1),
         (10, "Q2_K", 256, 84, _emit_q2_k),
+        (34, "TQ1_0", 256, 54, _emit_tq1_0),
+        (35, "TQ2_0", 256, 66, _emit_tq2_0),
         (11, "Q3_K", 256, 110, _emit_q3_k),
         (12, "Q4_K", 256, 144, _emit_q4_k),
         (13, "Q5_K", 256, 176, _emit_q5_k),
@@ -677,7 +730,7 @@ def _table() -> dict[int, QuantFormat]:
         (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
         (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
     ]
-    vectors = {10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
+    vectors = {34: _ternary_scale_vectors(52), 35: _ternary_scale_vectors(64), 10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
     return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
 
 
