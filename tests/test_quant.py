@@ -29,8 +29,8 @@ def _random_blocks(rng, qtype, n_rows, n_in):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n_rows * n_in // block
     raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q3_K: (108,), T.Q2_K: (80, 82),
-                     T.TQ1_0: (52,), T.TQ2_0: (64,)}[qtype]  # f16 d (, dmin)
+    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,),  # f16 d (, dmin)
+                     T.Q3_K: (108,), T.Q2_K: (80, 82), T.TQ1_0: (52,), T.TQ2_0: (64,)}[qtype]
     for off in scale_offsets:
         d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
         d[::7] = 0.0  # some all-zero blocks

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 SHAPES = "8192x2048,3072x2048,2048x8192"   # gate/up, fused q/k/v, down of the 1B-class model
 
@@ -25,6 +24,7 @@ def measure(a) -> dict:
 
     from edgelm.quant import FORMATS, FusedLinear
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_matvec import best_seconds as best
     from bench_matvec import random_weights
 
     rng = np.random.default_rng(0)
@@ -41,16 +41,6 @@ def measure(a) -> dict:
             row[name] = flops / best(lambda: lin(X), a.reps) / 1e9
         out[shape] = row
     return out
-
-
-def best(fn, reps: int) -> float:
-    fn()
-    t_best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return t_best
 
 
 def main(argv=None) -> int:

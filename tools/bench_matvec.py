@@ -27,8 +27,8 @@ from edgelm.quant.formats import FORMATS, row_bytes  # noqa: E402
 
 # Byte offsets of the float16 scale fields inside one block (ggml-common.h block_* structs).
 _F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
-               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0], "Q3_K": [108], "Q2_K": [80, 82],
-               "TQ1_0": [52], "TQ2_0": [64]}
+               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0], "Q3_K": [108],
+               "Q2_K": [80, 82], "TQ1_0": [52], "TQ2_0": [64]}
 
 
 def random_weights(name: str, n_out: int, n_in: int, rng) -> np.ndarray:
@@ -84,7 +84,8 @@ def best_seconds(fn, reps: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-t", "--threads", default="1,2")
-    ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K,MXFP4,IQ4_NL,IQ4_XS,Q3_K,Q2_K,TQ1_0,TQ2_0")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K,MXFP4,"
+                                       "IQ4_NL,IQ4_XS,Q3_K,Q2_K,TQ1_0,TQ2_0")
     ap.add_argument("--n-in", type=int, default=2048)
     ap.add_argument("--mib", type=int, default=256, help="size of each weight matrix")
     ap.add_argument("--reps", type=int, default=7)

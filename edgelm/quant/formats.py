@@ -730,7 +730,8 @@ def _table() -> dict[int, QuantFormat]:
         (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
         (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
     ]
-    vectors = {34: _ternary_scale_vectors(52), 35: _ternary_scale_vectors(64), 10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors, 14: _q6_k_scale_vectors}
+    vectors = {10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors,
+               14: _q6_k_scale_vectors, 34: _ternary_scale_vectors(52), 35: _ternary_scale_vectors(64)}
     return {t: QuantFormat(t, name, bs, ts, fn, vectors.get(t)) for t, name, bs, ts, fn in specs}
 
 
