@@ -188,8 +188,9 @@ def _q2_k_scale_vectors(b: ir.IRBuilder, p):
 
 
 def _q3_k_scale_vectors(b: ir.IRBuilder, p):
-    """Q3_K: the 16 scales (6-bit, minus 32) times d as two <8 x float> (scales 0-7, 8-15), unpacked as in
-    `_q3_k_scales` by byte picks and per-lane shifts of scales[12]; no minimums."""
+    """Q3_K: the 16 scales (6-bit, minus 32) times d as two <8 x float> (scales 0-7, 8-15), by byte picks and
+    per-lane shifts of scales[12]: scale i has its low 4 bits in nibble i // 8 of byte i % 8 and its high 2
+    bits at bits 2 * (i // 4) of byte 8 + i % 4 (gguf-py quants.py Q3_K); no minimums."""
     t8 = _vec(_I8, 16)
     s = _load(b, p, 94, t8)                 # bytes 94..109: scales[12] at lanes 2..13 (the block's last 16 bytes)
     t = _vec(_I32, 8)
@@ -563,19 +564,6 @@ def _emit_q6_k(b, p, n):
             yield _int_piece(b, q, (dl0, dl1))
 
 
-def _q3_k_scales(b: ir.IRBuilder, p, off: int):
-    """The 16 packed 6-bit scales of Q3_K, minus 32, as i32: scale i has its low 4 bits in nibble i // 8
-    of byte i % 8 and its high 2 bits at bits 2 * (i // 4) of byte 8 + i % 4 (gguf-py quants.py Q3_K)."""
-    s = [b.zext(_load(b, p, off + i, _I8), _I32) for i in range(12)]
-    k = lambda v: ir.Constant(_I32, v)  # noqa: E731
-    out = []
-    for i in range(16):
-        lo = b.and_(s[i % 8], k(15)) if i < 8 else b.lshr(s[i % 8], k(4))
-        hi = b.and_(b.lshr(s[8 + i % 4], k(2 * (i // 4))), k(3))
-        out.append(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)))
-    return out
-
-
 def _byte_parts(b: ir.IRBuilder, v):
     """<32 x i8> of signed codes (lanes 0..31) -> the current parts (see `_run`), sign-extended."""
     n = _part_lanes()
@@ -585,16 +573,28 @@ def _byte_parts(b: ir.IRBuilder, v):
             for k in range(32 // n)]
 
 
+def _crumbs(b: ir.IRBuilder, p, off: int):
+    """The 2-bit fields of the 64 bytes at `off` in the K-quants' order, one piece at a time: piece c =
+    4h + s (h < 2, s < 4) is (qs[32h + l] >> 2s) & 3 for l < 32, as <32 x i8> (Q2_K, Q3_K, TQ2_0)."""
+    t = _vec(_I8, 32)
+    for h in range(2):
+        qs = _load(b, p, off + 32 * h, t)
+        for s in range(4):
+            yield 4 * h + s, b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3))
+
+
+def _pair(b: ir.IRBuilder, vectors, c: int):
+    """Per-16 values 2c and 2c + 1 (piece c's halves) out of two <8 x float> of 16 (scale_vectors' form)."""
+    v = vectors[c // 4]
+    return tuple(b.extract_element(v, ir.Constant(_I32, 2 * (c % 4) + k)) for k in range(2))
+
+
 def _emit_tq2_0(b, p, n):
     # block_tq2_0: qs[64], f16 d (last).  Element 128h + 32s + l: q = ((qs[32h + l] >> 2s) & 3) - 1;
     # w = d * q   (gguf-py quants.py class TQ2_0)
-    t = _vec(_I8, 32)
     d = _f16_splat(b, p, 64)
-    for h in range(2):
-        qs = _load(b, p, 32 * h, t)
-        for s in range(4):
-            q = b.sub(b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3)), _c(t, 1))
-            yield _int_piece(b, _byte_parts(b, q), d)
+    for _, code in _crumbs(b, p, 0):
+        yield _int_piece(b, _byte_parts(b, b.sub(code, _c(code.type, 1))), d)
 
 
 def _trits(b: ir.IRBuilder, v, mults):
@@ -640,21 +640,13 @@ def _emit_q2_k(b, p, n):
     # block_q2_K: scales[16] (low nibble: scale, high: minimum, per 16 elements), qs[64], f16 d, f16 dmin.
     # Element 128h + 32s + l (h < 2, s < 4, l < 32): q = (qs[32h + l] >> 2s) & 3;
     # w = (d * (sc & 15)) * q - (dmin * (sc >> 4)), sc = scales[e // 16]   (gguf-py quants.py class Q2_K)
-    t = _vec(_I8, 32)
-    d, dmin = _f16_at(b, p, 80), _f16_at(b, p, 82)
+    scales, mins = _q2_k_scale_vectors(b, p)
     # centred codes for the float dot (as Q4_K); the integer dot takes them as stored
     centre = 0 if _CODE_BITS.get() == 16 else 2
-    for h in range(2):
-        qs = _load(b, p, 16 + 32 * h, t)
-        for s in range(4):
-            c = 4 * h + s
-            q = b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3))
-            if centre:
-                q = b.sub(q, _c(t, centre))
-            sc = [b.zext(_load(b, p, 2 * c + k, _I8), _I32) for k in range(2)]
-            dl = tuple(b.fmul(d, b.uitofp(b.and_(v, ir.Constant(_I32, 15)), _F32)) for v in sc)
-            ml = tuple(b.fneg(b.fmul(dmin, b.uitofp(b.lshr(v, ir.Constant(_I32, 4)), _F32))) for v in sc)
-            yield _int_piece(b, _byte_parts(b, q), dl, ml, centre)
+    for c, code in _crumbs(b, p, 16):
+        q = b.sub(code, _c(code.type, centre)) if centre else code
+        ml = tuple(b.fneg(m) for m in _pair(b, mins, c))   # x - y == x + (-y): decodes as gguf-py's subtraction
+        yield _int_piece(b, _byte_parts(b, q), _pair(b, scales, c), ml, centre)
 
 
 def _emit_q3_k(b, p, n):
@@ -663,19 +655,12 @@ def _emit_q3_k(b, p, n):
     # q = low - (high ? 0 : 4); w = (d * (scale[e // 16] - 32)) * q   (gguf-py quants.py class Q3_K)
     # The bit work runs on 32 bytes at once, before the codes are widened (byte shifts are word shifts
     # plus the mask, which drops the bits shifted across).
-    t = _vec(_I8, 32)
-    d = _f16_at(b, p, 108)
-    hmask = _load(b, p, 0, t)
-    scales = _q3_k_scales(b, p, 96)
-    for h in range(2):
-        qs = _load(b, p, 32 + 32 * h, t)
-        for s in range(4):
-            c = 4 * h + s
-            lo = b.and_(_shift_to(b, qs, 2 * s, 0), _c(t, 3))
-            hi = b.and_(_shift_to(b, hmask, c, 2), _c(t, 4))
-            q = b.sub(b.or_(lo, hi), _c(t, 4))
-            dl = [b.fmul(d, b.sitofp(scales[2 * c + k], _F32)) for k in range(2)]
-            yield _int_piece(b, _byte_parts(b, q), tuple(dl))
+    scales, _ = _q3_k_scale_vectors(b, p)
+    hmask = _load(b, p, 0, _vec(_I8, 32))
+    for c, low in _crumbs(b, p, 32):
+        t = low.type
+        high = b.and_(_shift_to(b, hmask, c, 2), _c(t, 4))
+        yield _int_piece(b, _byte_parts(b, b.sub(b.or_(low, high), _c(t, 4))), _pair(b, scales, c))
 
 
 # ---------------------------------------------------------------------------------------------
