@@ -192,8 +192,7 @@ def test_random_raw_blocks(qtype):
     assert np.array_equal(_bits(dequantize(raw, qtype, 512)), _bits(ref))
     x = rng.standard_normal(512).astype(np.float32)
     ref64 = ref.astype(np.float64)
-    err = np.abs(matvec(raw, qtype, 6, 512, x).astype(np.float64) - ref64 @ x)
-    assert np.all(err <= 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, kernels._PASSES[0]) + 1e-30)
+    _assert_matvec_close(matvec(raw, qtype, 6, 512, x), ref64, x)
 
 
 def test_mxfp4_random_raw_blocks():
@@ -336,10 +335,7 @@ def test_matvec(qtype):
         x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
         y = matvec(raw, qtype, n_out, n_in, x)
         assert y.dtype == np.float32 and y.shape == (n_out,)
-        ref64 = ref.astype(np.float64)
-        err = np.abs(y.astype(np.float64) - ref64 @ x)     # the default mode's own fixed-point bound
-        bound = 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, kernels._PASSES[0]) + 1e-30
-        assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.3g}"
+        _assert_matvec_close(y, ref.astype(np.float64), x)
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["float", "int16x1", "int16x2"])
@@ -361,6 +357,15 @@ def _fixed_point_bound(ref64, x, passes):
     return np.abs(ref64) @ per_elem * 1.001
 
 
+def _assert_matvec_close(y, ref64, x, passes=None):
+    """y = W . x against float64 products of the reference weights: float32 rounding (1e-5 of |W| . |x|)
+    plus the fixed-point error of x in matvec mode `passes` (default: the mode in force)."""
+    passes = kernels._PASSES[0] if passes is None else passes
+    err = np.abs(y.astype(np.float64) - ref64 @ x)
+    bound = 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, passes) + 1e-30
+    assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.3g}"
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matvec_every_mode(qtype, matvec_passes):
     """The float dot and the integer dots (exact integer sums of codes x fixed-point activations) against
@@ -373,10 +378,7 @@ def test_matvec_every_mode(qtype, matvec_passes):
         x = (rng.standard_normal(n_in) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
         x[:32] = 0.0                                        # an all-zero block of x
         y = matvec(raw, qtype, n_out, n_in, x)
-        ref64 = ref.astype(np.float64)
-        err = np.abs(y.astype(np.float64) - ref64 @ x)
-        bound = 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, matvec_passes) + 1e-30
-        assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.3g}"
+        _assert_matvec_close(y, ref.astype(np.float64), x, matvec_passes)
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
@@ -419,8 +421,7 @@ def test_large_parallel_paths(qtype):
     x = rng.standard_normal(n_in).astype(np.float32)
     out = np.empty(n_out, np.float32)
     assert matvec(raw, qtype, n_out, n_in, x, out=out) is out
-    err = np.abs(out.astype(np.float64) - ref64 @ x)        # the default mode's fixed-point bound, as above
-    assert np.all(err <= 1e-5 * (np.abs(ref64) @ np.abs(x)) + _fixed_point_bound(ref64, x, kernels._PASSES[0]))
+    _assert_matvec_close(out, ref64, x)
     X = rng.standard_normal((131, n_in)).astype(np.float32)
     Y = np.empty((131, n_out), np.float32)
     assert matmul(raw, qtype, n_out, n_in, X, out=Y) is Y
