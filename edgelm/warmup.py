@@ -17,7 +17,7 @@ import numpy as np
 
 log = logging.getLogger("edgelm")
 
-_KERNEL_SOURCES = ("quant/formats.py", "quant/kernels.py", "arch/attention.py", "arch/blocks.py",
+_KERNEL_SOURCES = ("quant/formats.py", "quant/grids.py", "quant/kernels.py", "arch/attention.py", "arch/blocks.py",
                    "runtime/kv_cache.py")
 
 

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from edgelm.catalog import resolve
+
+# A shell without job control starts background jobs (`pytest &`) with SIGINT ignored, and children inherit an
+# ignored signal across exec, so the Ctrl-C tests' subprocesses would never see it. Installing Python's handler
+# here makes every child start with the default action, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

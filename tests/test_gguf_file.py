@@ -113,9 +113,9 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_unsupported_quant_type(tmp_path):
-    raw = np.zeros((4, 66), np.uint8)          # IQ2_XXS: 256 elements in 66 bytes
-    p = _write_gguf(tmp_path / "iq.gguf", tensors={"blk.0.attn_q.weight": (raw, GGMLQuantizationType.IQ2_XXS)})
-    with pytest.raises(UnsupportedError, match="blk.0.attn_q.weight.*IQ2_XXS"):
+    raw = np.zeros((4, 292), np.uint8)          # Q8_K (llama.cpp's activation type): 256 elements in 292 bytes
+    p = _write_gguf(tmp_path / "q8k.gguf", tensors={"blk.0.attn_q.weight": (raw, GGMLQuantizationType.Q8_K)})
+    with pytest.raises(UnsupportedError, match="blk.0.attn_q.weight.*Q8_K"):
         GGUFFile(p)
 
 

@@ -7,11 +7,25 @@ import pytest
 from edgelm.errors import UnsupportedError
 from edgelm.quant import FORMATS, dequantize, format_for, get_rows, matmul, matvec, row_bytes
 from edgelm.quant import kernels
+from tests.quant_model import set_block_scales
 
 T = gguf.GGMLQuantizationType
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
-         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K, T.TQ1_0, T.TQ2_0]
+         T.MXFP4, T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K, T.TQ1_0, T.TQ2_0,
+         T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+GRID_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
+ALL_KINDS = kernels.kinds_mask(FORMATS)
+
+
+@pytest.fixture(autouse=True)
+def _one_kernel_build(monkeypatch, request):
+    """Every test here runs the kernels compiled for all types at once (one compile, ~45 s cold), not one
+    build per type mask (3 kernels x 25 types, ~3 min cold): a mask only decides which of the identical
+    per-type cases a build holds.  test_kernels_per_type_mask checks the real per-mask builds."""
+    if "per_type_mask" not in request.node.name:
+        build = kernels._kernels
+        monkeypatch.setattr(kernels, "_kernels", lambda kinds: build(ALL_KINDS | kinds))
 
 
 def _weights(rng, n_rows, n_in):
@@ -29,13 +43,14 @@ def _random_blocks(rng, qtype, n_rows, n_in):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = n_rows * n_in // block
     raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
-    scale_offsets = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,), T.IQ4_XS: (0,),  # f16 d (, dmin)
-                     T.Q3_K: (108,), T.Q2_K: (80, 82), T.TQ1_0: (52,), T.TQ2_0: (64,)}[qtype]
-    for off in scale_offsets:
-        d = (rng.standard_normal(nb) * np.exp(rng.uniform(-10, 2, nb))).astype(np.float16)
-        d[::7] = 0.0  # some all-zero blocks
-        raw[:, off: off + 2] = d.view(np.uint8).reshape(nb, 2)
+    set_block_scales(raw, qtype, _finite_halves(rng, nb), _finite_halves(rng, nb))
     return raw.reshape(n_rows, -1)
+
+
+def _finite_halves(rng, n):
+    d = (rng.standard_normal(n) * np.exp(rng.uniform(-10, 2, n))).astype(np.float16)
+    d[::7] = 0.0  # some all-zero blocks
+    return d
 
 
 def make_tensor(qtype, n_rows, n_in, seed=0):
@@ -91,7 +106,7 @@ def test_row_bytes(qtype):
             row_bytes(qtype, n_in + 1)
 
 
-@pytest.mark.parametrize("qtype", [T.IQ3_S, T.IQ2_XXS, T.IQ1_M, T.Q8_1, 999], ids=str)
+@pytest.mark.parametrize("qtype", [T.Q8_K, T.Q8_1, T.I8, 999], ids=str)
 def test_unsupported_type_is_named(qtype):
     name = qtype.name if isinstance(qtype, T) else "999"
     with pytest.raises(UnsupportedError, match=name):
@@ -101,6 +116,28 @@ def test_unsupported_type_is_named(qtype):
         matvec(raw, qtype, 2, 256, np.zeros(256, np.float32))
     with pytest.raises(UnsupportedError, match=name):
         dequantize(raw, qtype, 256)
+
+
+def test_kernels_per_type_mask():
+    """What a model runs: kernels compiled for only the types given (its file's), plus each call's own type
+    even when the mask leaves it out, give the all-types build's results bit for bit."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(256).astype(np.float32)
+    X = rng.standard_normal((5, 256)).astype(np.float32)
+    raw4, ref4 = make_tensor(T.Q4_0, 7, 256)
+    raw8, _ = make_tensor(T.Q8_0, 5, 256)
+    want_mv = [matvec(raw4, T.Q4_0, 7, 256, x, kinds=ALL_KINDS), matvec(raw8, T.Q8_0, 5, 256, x, kinds=ALL_KINDS)]
+    want_mm = matmul(raw4, T.Q4_0, 7, 256, X, kinds=ALL_KINDS)
+    model = kernels.kinds_mask([T.Q4_0, T.Q8_0])
+    for kinds in (model, 0, kernels.kinds_mask([T.Q8_0])):   # the model's mask, none, one without Q4_0
+        assert np.array_equal(_bits(matvec(raw4, T.Q4_0, 7, 256, x, kinds=kinds)), _bits(want_mv[0]))
+        assert np.array_equal(_bits(matmul(raw4, T.Q4_0, 7, 256, X, kinds=kinds)), _bits(want_mm))
+        assert np.array_equal(_bits(get_rows(raw4, T.Q4_0, 256, [6, 1], kinds=kinds)), _bits(ref4[[6, 1]]))
+    fused = FusedLinear([(raw4, T.Q4_0, 7), (raw8, T.Q8_0, 5)], 256)   # kinds from its own types
+    assert fused.kinds == model
+    for got, want in zip(fused.matvec(x), want_mv):
+        assert np.array_equal(_bits(got), _bits(want))
+    assert set(kernels._KERNELS) >= {model, 1 << T.Q4_0, ALL_KINDS}
 
 
 # --- bit-exact decode --------------------------------------------------------------------------
@@ -181,8 +218,8 @@ def test_mxfp4_every_exponent_and_code():
                           _bits(ref.reshape(256, 512)[ids]))
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
+                                   *GRID_TYPES], ids=lambda t: t.name)
 def test_random_raw_blocks(qtype):
     """Every byte pattern a file may hold (not only what a quantizer writes: TQ1_0 bytes above 242, TQ2_0
     code 3, any packed scale) decodes as gguf-py decodes it, and the integer dot agrees with it."""
@@ -569,7 +606,7 @@ def test_fused_errors():
     with pytest.raises(ValueError):
         FusedLinear([(raw, T.Q8_0, 5)], 64)                      # wrong n_out
     with pytest.raises(UnsupportedError):
-        FusedLinear([(raw, T.IQ2_XXS, 4)], 64)
+        FusedLinear([(raw, T.Q8_K, 4)], 64)
     f = FusedLinear([(raw, T.Q8_0, 4)], 64)
     with pytest.raises(ValueError):
         f(np.zeros((2, 32), np.float32))

@@ -28,7 +28,8 @@ from edgelm.quant.formats import FORMATS, row_bytes  # noqa: E402
 # Byte offsets of the float16 scale fields inside one block (ggml-common.h block_* structs).
 _F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
                "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0], "Q3_K": [108],
-               "Q2_K": [80, 82], "TQ1_0": [52], "TQ2_0": [64]}
+               "Q2_K": [80, 82], "TQ1_0": [52], "TQ2_0": [64], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0],
+               "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0]}
 
 
 def random_weights(name: str, n_out: int, n_in: int, rng) -> np.ndarray:
@@ -46,6 +47,13 @@ def random_weights(name: str, n_out: int, n_in: int, rng) -> np.ndarray:
         blocks[:, :, 0] = rng.integers(120, 128, size=blocks.shape[:2], dtype=np.uint8)
         return raw
     blocks = raw.reshape(n_out, -1, fmt.type_size)
+    if name == "IQ1_M":                      # d is the top nibbles of the four u16 scales (bytes 48..55)
+        sc = blocks[:, :, 48:56].copy().view(np.uint16)
+        d = int(np.float16(0.01).view(np.uint16))
+        for k in range(4):
+            sc[:, :, k] = (sc[:, :, k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
+        blocks[:, :, 48:56] = sc.view(np.uint8)
+        return raw
     scales = np.full(blocks.shape[:2], 0.01, np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
     for off in _F16_FIELDS[name]:
         blocks[:, :, off:off + 2] = scales
@@ -85,7 +93,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K,MXFP4,"
-                                       "IQ4_NL,IQ4_XS,Q3_K,Q2_K,TQ1_0,TQ2_0")
+                                       "IQ4_NL,IQ4_XS,Q3_K,Q2_K,TQ1_0,TQ2_0,IQ3_S,IQ3_XXS,IQ2_S,IQ2_XS,"
+                                       "IQ2_XXS,IQ1_M,IQ1_S")
     ap.add_argument("--n-in", type=int, default=2048)
     ap.add_argument("--mib", type=int, default=256, help="size of each weight matrix")
     ap.add_argument("--reps", type=int, default=7)

@@ -31,18 +31,19 @@ class Linear:
     n_out: int
     n_in: int
     bias: np.ndarray | None = None
+    kinds: int = 0       # the types the kernels are compiled for (kernels.kinds_mask): all the model's
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] == 1:
-            y = kernels.matvec(self.raw, self.ggml_type, self.n_out, self.n_in, x[0])[None, :]
+            y = kernels.matvec(self.raw, self.ggml_type, self.n_out, self.n_in, x[0], kinds=self.kinds)[None, :]
         else:
-            y = kernels.matmul(self.raw, self.ggml_type, self.n_out, self.n_in, x)
+            y = kernels.matmul(self.raw, self.ggml_type, self.n_out, self.n_in, x, kinds=self.kinds)
         if self.bias is not None:
             y += self.bias
         return y
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        return kernels.get_rows(self.raw, self.ggml_type, self.n_in, ids)
+        return kernels.get_rows(self.raw, self.ggml_type, self.n_in, ids, kinds=self.kinds)
 
     def split(self, sizes: list[int]) -> list["Linear"]:
         """Consecutive row ranges as their own matrices (views: fused QKV or gate/up stay in place)."""
@@ -51,7 +52,7 @@ class Linear:
         out, r = [], 0
         for n in sizes:
             b = None if self.bias is None else self.bias[r:r + n]
-            out.append(Linear(self.name, self.raw[r:r + n], self.ggml_type, n, self.n_in, b))
+            out.append(Linear(self.name, self.raw[r:r + n], self.ggml_type, n, self.n_in, b, self.kinds))
             r += n
         return out
 
@@ -60,7 +61,10 @@ class Fused:
     """Matrices sharing one input, computed in one parallel region; biases added afterwards."""
 
     def __init__(self, parts: list[Linear]):
-        self.kernel = FusedLinear(parts, parts[0].n_in)
+        kinds = 0
+        for p in parts:
+            kinds |= p.kinds
+        self.kernel = FusedLinear(parts, parts[0].n_in, kinds)
         self.biases = [p.bias for p in parts]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
@@ -73,6 +77,9 @@ class Weights:
 
     def __init__(self, g: GGUFFile):
         self.g = g
+        # One kernel specialisation per model: compiled for exactly the types its file holds, so a first
+        # run compiles only those (each type adds its own code to every kernel).
+        self.kinds = kernels.kinds_mask({info.ggml_type for info in g.tensors.values()})
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.g.tensors.get(name)
@@ -90,7 +97,7 @@ class Weights:
         raw = self.g.tensor(name)
         if info.ggml_type == 0:                          # F32: a zero-copy view
             return raw.view(np.float32).reshape(n)
-        return dequantize(raw, info.ggml_type, n).reshape(n)
+        return dequantize(raw, info.ggml_type, n, self.kinds).reshape(n)
 
     def optional_vector(self, name: str, n: int) -> np.ndarray | None:
         return self.vector(name, n) if self.has(name) else None
@@ -98,14 +105,14 @@ class Weights:
     def matrix_f32(self, name: str, n_in: int, n_rows: int) -> np.ndarray:
         """A small 2-D tensor (expert biases) as float32 (n_rows, n_in)."""
         info = self._info(name, (n_in, n_rows))
-        return dequantize(self.g.tensor(name), info.ggml_type, n_in)
+        return dequantize(self.g.tensor(name), info.ggml_type, n_in, self.kinds)
 
     def linear(self, stem: str, n_in: int, n_out: int) -> Linear:
         """`stem`.weight (n_out x n_in) with `stem`.bias if the file has one."""
         name = stem + ".weight"
         info = self._info(name, (n_in, n_out))
         return Linear(name, self.g.tensor(name), info.ggml_type, n_out, n_in,
-                      self.optional_vector(stem + ".bias", n_out))
+                      self.optional_vector(stem + ".bias", n_out), self.kinds)
 
     def experts(self, stem: str, n_in: int, n_out: int, n_expert: int) -> list[Linear]:
         """A 3-D expert tensor (n_expert matrices n_out x n_in, stacked) as one Linear view per expert."""
@@ -114,7 +121,7 @@ class Weights:
         raw = self.g.tensor(name)
         bias = self.matrix_f32(stem + ".bias", n_out, n_expert) if self.has(stem + ".bias") else None
         return [Linear(f"{name}[{e}]", raw[e * n_out:(e + 1) * n_out], info.ggml_type, n_out, n_in,
-                       None if bias is None else bias[e]) for e in range(n_expert)]
+                       None if bias is None else bias[e], self.kinds) for e in range(n_expert)]
 
 
 class GatedMLP:
@@ -323,7 +330,8 @@ class Decoder:
 
     def _embed(self, ids, pos0: int, ws: "Workspace") -> np.ndarray:
         T = len(ids)
-        x = kernels.get_rows(self.tok_embd.raw, self.tok_embd.ggml_type, self.tok_embd.n_in, ids, out=ws.x[:T])
+        x = kernels.get_rows(self.tok_embd.raw, self.tok_embd.ggml_type, self.tok_embd.n_in, ids, out=ws.x[:T],
+                             kinds=self.tok_embd.kinds)
         if self.embed_scale is not None:
             x *= self.embed_scale
         if self.pos_embd is not None:
@@ -370,7 +378,7 @@ class Decoder:
             return self.output(h)
         h = self._apply_norm(x[-1:], self.output_norm, ws.h[:1])
         return kernels.matvec(self.output.raw, self.output.ggml_type, self.output.n_out, self.output.n_in,
-                              h[0], out=ws.logits)
+                              h[0], out=ws.logits, kinds=self.output.kinds)
 
 
 def _fused_into(f: Fused, x: np.ndarray, out: np.ndarray) -> list[np.ndarray]:
@@ -385,9 +393,9 @@ def _fused_into(f: Fused, x: np.ndarray, out: np.ndarray) -> list[np.ndarray]:
 def _linear_into(lin: Linear, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """lin(x) for x (T, n_in) written into out (T, n_out)."""
     if x.shape[0] == 1:
-        kernels.matvec(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x[0], out=out[0])
+        kernels.matvec(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x[0], out=out[0], kinds=lin.kinds)
     else:
-        kernels.matmul(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x, out=out)
+        kernels.matmul(lin.raw, lin.ggml_type, lin.n_out, lin.n_in, x, out=out, kinds=lin.kinds)
     if lin.bias is not None:
         out += lin.bias
     return out

@@ -27,6 +27,7 @@ import numpy as np
 from llvmlite import ir
 
 from edgelm.errors import UnsupportedError
+from edgelm.quant import grids
 
 __all__ = ["QuantFormat", "FORMATS", "format_for", "row_bytes", "dequantize", "LANES", "Piece"]
 
@@ -663,6 +664,184 @@ def _emit_q3_k(b, p, n):
         yield _int_piece(b, _byte_parts(b, b.sub(b.or_(low, high), _c(t, 4))), _pair(b, scales, c))
 
 
+# --- The grid i-quants: per group of 8 (or 4) weights an index into a lattice (grids.py), signs, and a
+# scale per 32 (or 16) weights.  Layouts: ggml-common.h block_iq2_xxs ... block_iq1_m; decoding: gguf-py
+# quants.py, classes IQ2_XXS ... IQ1_M.  The codes of a piece are the lattice coordinates with their signs
+# applied (exact), so a piece is w = scale * q as for the other types, and the integer dot takes the codes
+# as they are.
+
+def _u(b: ir.IRBuilder, p, off: int, ty: ir.IntType = _I8):
+    """The unsigned integer of type `ty` at `off`, as i32."""
+    v = _load(b, p, off, ty)
+    return v if ty == _I32 else b.zext(v, _I32)
+
+
+def _i(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v)
+
+
+def _field(b: ir.IRBuilder, v, shift: int, mask: int):
+    """(v >> shift) & mask of an i32."""
+    return b.and_(b.lshr(v, _i(shift)) if shift else v, _i(mask))
+
+
+def _points(b: ir.IRBuilder, name: str, indexes):
+    """The lattice points of gguf-py class `name` at `indexes` (<4 or 8 x i32>), concatenated: <32 x i8>."""
+    rows, width = grids.grid_rows(name)
+    return grids.gather(b, grids.table(b, f"edgelm_grid_{name}", rows, width), indexes)
+
+
+def _ksigns(b: ir.IRBuilder, indexes):
+    """Sign masks (<32 x i8>, -1 = negative) of 4 groups of 8 from their 7-bit sign indexes (<4 x i32>)."""
+    return grids.gather(b, grids.table(b, "edgelm_ksign_masks", grids.ksign_masks(), 64), indexes)
+
+
+def _sign_bytes(b: ir.IRBuilder, p, off: int):
+    """Sign masks (<32 x i8>, -1 = negative) from the 4 bytes at `off`: bit j of byte k is element 8k + j."""
+    t = _vec(_I8, 32)
+    four = _load(b, p, off, _vec(_I8, 4))
+    spread = b.shuffle_vector(four, ir.Constant(four.type, ir.Undefined),
+                              ir.Constant(_vec(_I32, 32), [k // 8 for k in range(32)]))
+    bits = ir.Constant(t, [1 << (k % 8) for k in range(32)])
+    return b.sext(b.icmp_unsigned("!=", b.and_(spread, bits), _c(t, 0)), t)
+
+
+def _signed(b: ir.IRBuilder, v, masks):
+    """v negated where masks is -1: (v ^ m) - m."""
+    return b.sub(b.xor(v, masks), masks)
+
+
+def _half_plus(b: ir.IRBuilder, d, ls, factor: float):
+    """(d * (0.5 + ls)) * factor, gguf-py's order (IQ2_XXS, IQ2_XS, IQ2_S: 0.25; IQ3_XXS: 0.5)."""
+    return b.fmul(b.fmul(d, b.fadd(ir.Constant(_F32, 0.5), b.sitofp(ls, _F32))), ir.Constant(_F32, factor))
+
+
+def _bytes_at(b: ir.IRBuilder, p, off: int, n: int):
+    """The n bytes at `off`, each as an i32 (lattice indexes: scalar, one load per table row follows)."""
+    return [_u(b, p, off + k) for k in range(n)]
+
+
+def _high_bits(b: ir.IRBuilder, low, v, shifts, mask: int):
+    """Lattice indexes: low[k] | ((v >> shifts[k]) & mask) << 8."""
+    return [b.or_(lo, b.shl(_field(b, v, s, mask), _i(8))) for lo, s in zip(low, shifts)]
+
+
+def _emit_xxs(b, p, grid: str, n_indexes: int, aux_at, factor: float):
+    """IQ2_XXS / IQ3_XXS sub-blocks of 32: n_indexes lattice index bytes at 2 + 8j, and a u32 (at aux_at(j))
+    holding 4 sign indexes (7 bits at 7l, 8 elements each) and ls (bits 28..31).
+    w = (d * (0.5 + ls) * factor) * grid * sign."""
+    d = _f16_at(b, p, 0)
+    for j in range(8):
+        aux = _u(b, p, aux_at(j), _I32)
+        q = _signed(b, _points(b, grid, _bytes_at(b, p, 2 + 8 * j, n_indexes)),
+                    _ksigns(b, [_field(b, aux, 7 * l, 127) for l in range(4)]))
+        yield _int_piece(b, _byte_parts(b, q), _half_plus(b, d, b.lshr(aux, _i(28)), factor))
+
+
+def _emit_iq2_xxs(b, p, n):
+    # block_iq2_xxs: f16 d; u16 qs[32].  Sub-block j: two u32 at 2 + 8j, the first 4 lattice indexes (a byte
+    # per 8 elements), the second the signs and ls.
+    return _emit_xxs(b, p, "IQ2_XXS", 4, lambda j: 6 + 8 * j, 0.25)
+
+
+def _emit_iq2_xs(b, p, n):
+    # block_iq2_xs: f16 d; u16 qs[32]; u8 scales[8].  Group g of 8 elements: qs[g] & 511 is its lattice
+    # index, qs[g] >> 9 its sign index; sub-block j has scales[j] (low nibble: elements 0-15, high: 16-31).
+    d = _f16_at(b, p, 0)
+    for j in range(8):
+        qs = [_u(b, p, 2 + 8 * j + 2 * l, _I16) for l in range(4)]
+        q = _signed(b, _points(b, "IQ2_XS", [_field(b, v, 0, 511) for v in qs]),
+                    _ksigns(b, [b.lshr(v, _i(9)) for v in qs]))
+        sc = _u(b, p, 66 + j)
+        yield _int_piece(b, _byte_parts(b, q), tuple(_half_plus(b, d, _field(b, sc, 4 * h, 15), 0.25)
+                                                     for h in range(2)))
+
+
+def _emit_iq2_s(b, p, n):
+    # block_iq2_s: f16 d; qs[64] (32 low index bytes, then 32 sign bytes); qh[8]; scales[8].  Group g:
+    # index qs[g] | ((qh[g / 4] >> 2(g % 4)) & 3) << 8, signs: the bits of qs[32 + g]; scales as IQ2_XS.
+    d = _f16_at(b, p, 0)
+    for j in range(8):
+        idx = _high_bits(b, _bytes_at(b, p, 2 + 4 * j, 4), _u(b, p, 66 + j), (0, 2, 4, 6), 3)
+        q = _signed(b, _points(b, "IQ2_S", idx), _sign_bytes(b, p, 34 + 4 * j))
+        sc = _u(b, p, 74 + j)
+        yield _int_piece(b, _byte_parts(b, q), tuple(_half_plus(b, d, _field(b, sc, 4 * h, 15), 0.25)
+                                                     for h in range(2)))
+
+
+def _emit_iq3_xxs(b, p, n):
+    # block_iq3_xxs: f16 d; qs[96]: 64 lattice indexes (a byte per 4 elements), then the u32 of signs and ls
+    # per sub-block.
+    return _emit_xxs(b, p, "IQ3_XXS", 8, lambda j: 66 + 4 * j, 0.5)
+
+
+def _emit_iq3_s(b, p, n):
+    # block_iq3_s: f16 d; qs[64]; qh[8]; signs[32]; scales[4].  Group k of 4 elements in sub-block j: index
+    # qs[8j + k] | ((qh[j] >> k) & 1) << 8; signs: the bits of signs[4j .. 4j + 3]; scale nibble j of
+    # scales (byte j / 2, low nibble first).  w = (d * (1 + 2 * s)) * grid * sign
+    d = _f16_at(b, p, 0)
+    for j in range(8):
+        idx = _high_bits(b, _bytes_at(b, p, 2 + 8 * j, 8), _u(b, p, 66 + j), range(8), 1)
+        q = _signed(b, _points(b, "IQ3_S", idx), _sign_bytes(b, p, 74 + 4 * j))
+        s = _field(b, _u(b, p, 106 + j // 2), 4 * (j % 2), 15)
+        yield _int_piece(b, _byte_parts(b, q), b.fmul(d, b.sitofp(b.add(b.shl(s, _i(1)), _i(1)), _F32)))
+
+
+# IQ1: w = dl * (grid + delta) with grid in {-1, 0, 1} and delta = +-1/8.  As integer codes: 8 * grid +- 1,
+# with scale dl / 8.  dl / 8 is exact (a power of two; dl is 0 or >= 2^-24, far from underflow), and
+# (dl / 8) * (8g +- 1) rounds the same real number as dl * (g +- 1/8) (g +- 1/8 is exact in float32), so the
+# decode stays bit-exact and the integer dot gets small integers.
+_IQ1_DELTA = 1 / 8
+
+
+def _iq1_codes(b: ir.IRBuilder, points, negative):
+    """8 * grid + delta per element; `negative`: one i1 per group of 8 (delta -1 where set), or one for all."""
+    t = points.type
+    deltas = [b.select(neg, ir.Constant(_I8, -1), ir.Constant(_I8, 1)) for neg in negative]
+    if len(deltas) == 1:
+        spread = splat(b, deltas[0], t.count)
+    else:
+        four = ir.Constant(_vec(_I8, 4), ir.Undefined)
+        for k, v in enumerate(deltas):
+            four = b.insert_element(four, v, _i(k))
+        spread = b.shuffle_vector(four, ir.Constant(four.type, ir.Undefined),
+                                  ir.Constant(_vec(_I32, 32), [k // 8 for k in range(32)]))
+    return b.add(b.shl(points, _c(t, 3)), spread)
+
+
+def _emit_iq1_s(b, p, n):
+    # block_iq1_s: f16 d; qs[32]; u16 qh[8].  Sub-block j: group l's index qs[4j + l] | ((qh[j] >> 3l) & 7) << 8;
+    # dl = d * (2 * ((qh[j] >> 12) & 7) + 1); delta = -1/8 where bit 15 of qh[j] is set, else +1/8.
+    d = _f16_at(b, p, 0)
+    eighth = ir.Constant(_F32, _IQ1_DELTA)
+    for j in range(8):
+        qh = _u(b, p, 34 + 2 * j, _I16)
+        idx = _high_bits(b, _bytes_at(b, p, 2 + 4 * j, 4), qh, (0, 3, 6, 9), 7)
+        neg = b.icmp_unsigned("!=", _field(b, qh, 15, 1), _i(0))
+        q = _iq1_codes(b, _points(b, "IQ1_S", idx), [neg])
+        dl = b.fmul(d, b.sitofp(b.add(b.shl(_field(b, qh, 12, 7), _i(1)), _i(1)), _F32))
+        yield _int_piece(b, _byte_parts(b, q), b.fmul(dl, eighth))
+
+
+def _emit_iq1_m(b, p, n):
+    # block_iq1_m: qs[32]; qh[16]; u16 scales[4].  d (f16) is the top nibbles of scales[0..3], lowest first;
+    # scale k of 16 elements is (scales[k / 4] >> 3(k % 4)) & 7, dl = d * (2s + 1).  Group g of 8: nibble
+    # qh[g / 2] >> 4(g % 2), index qs[g] | (nibble & 7) << 8, delta -1/8 where nibble bit 3 is set, else +1/8.
+    sc = [_u(b, p, 48 + 2 * k, _I16) for k in range(4)]
+    bits = b.or_(b.or_(b.lshr(sc[0], _i(12)), b.and_(b.lshr(sc[1], _i(8)), _i(0xF0))),
+                 b.or_(b.and_(b.lshr(sc[2], _i(4)), _i(0xF00)), b.and_(sc[3], _i(0xF000))))
+    d = half_to_f32(b, b.trunc(bits, _I16))
+    eighth = ir.Constant(_F32, _IQ1_DELTA)
+    for j in range(8):
+        qh = _u(b, p, 32 + 2 * j, _I16)      # the nibbles of groups 4j .. 4j + 3, lowest first
+        idx = _high_bits(b, _bytes_at(b, p, 4 * j, 4), qh, (0, 4, 8, 12), 7)
+        neg = [b.icmp_unsigned("!=", _field(b, qh, 4 * l + 3, 1), _i(0)) for l in range(4)]
+        q = _iq1_codes(b, _points(b, "IQ1_S", idx), neg)
+        dl = [b.fmul(d, b.sitofp(b.add(b.shl(_field(b, sc[(2 * j + h) // 4], 3 * ((2 * j + h) % 4), 7), _i(1)),
+                                       _i(1)), _F32)) for h in range(2)]
+        yield _int_piece(b, _byte_parts(b, q), tuple(b.fmul(v, eighth) for v in dl))
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +893,13 @@ def _table() -> dict[int, QuantFormat]:
         (39, "MXFP4", 32, 17, _emit_mxfp4),
         (20, "IQ4_NL", 32, 18, _emit_iq4_nl),
         (23, "IQ4_XS", 256, 136, _emit_iq4_xs),
+        (16, "IQ2_XXS", 256, 66, _emit_iq2_xxs),
+        (17, "IQ2_XS", 256, 74, _emit_iq2_xs),
+        (22, "IQ2_S", 256, 82, _emit_iq2_s),
+        (18, "IQ3_XXS", 256, 98, _emit_iq3_xxs),
+        (21, "IQ3_S", 256, 110, _emit_iq3_s),
+        (19, "IQ1_S", 256, 50, _emit_iq1_s),
+        (29, "IQ1_M", 256, 56, _emit_iq1_m),
     ]
     vectors = {10: _q2_k_scale_vectors, 11: _q3_k_scale_vectors, 12: _k_scale_vectors, 13: _k_scale_vectors,
                14: _q6_k_scale_vectors, 34: _ternary_scale_vectors(52), 35: _ternary_scale_vectors(64)}
@@ -746,9 +932,10 @@ def row_bytes(ggml_type: int, n_in: int) -> int:
     return n_in // fmt.block_size * fmt.type_size
 
 
-def dequantize(raw_u8_2d: np.ndarray, ggml_type: int, n_in: int) -> np.ndarray:
-    """All rows of a quantized 2-D tensor as float32 (rows, n_in); equals gguf.quants.dequantize."""
+def dequantize(raw_u8_2d: np.ndarray, ggml_type: int, n_in: int, kinds: int = 0) -> np.ndarray:
+    """All rows of a quantized 2-D tensor as float32 (rows, n_in); equals gguf.quants.dequantize.
+    kinds: as for kernels.get_rows."""
     from edgelm.quant.kernels import get_rows  # kernels import this module; import late
 
     ids = np.arange(raw_u8_2d.shape[0], dtype=np.int64)
-    return get_rows(raw_u8_2d, ggml_type, n_in, ids)
+    return get_rows(raw_u8_2d, ggml_type, n_in, ids, kinds=kinds)

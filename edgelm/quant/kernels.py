@@ -21,9 +21,11 @@ Structure
   * Intrinsics do the per-type work, generated from `formats.FORMATS`:
       _mv_rows(kid, addr, row_bytes, r0, r1, n_in, x, xs8, y, y_off)   y[y_off + r] = W[r] . x
       _decode_row(kid, addr, row_bytes, r, n_in, dst, off)             W[r] -> dst[off : off+n_in]
-    Each emits one `switch` on the ggml type id with one vectorised loop per type, so every kernel
-    compiles once (not once per type).  The vector IR is target independent (AVX2, AVX-512, NEON:
-    LLVM picks the instructions).
+    Each emits one `switch` on the ggml type id with one vectorised loop per type, for the types in
+    the kernel's `kinds` mask (a compile-time constant, `numba.literally`): a model compiles its kernels
+    once, for exactly the types its file holds (Weights.kinds), so a first run pays only for those
+    (all 25 types in every kernel took 44 s to compile cold, against ~12-20 s for one model's few).
+    The vector IR is target independent (AVX2, AVX-512, NEON: LLVM picks the instructions).
   * The dot product works in the emitters' factored form (w = scale * (q + bias) + offset per 32
     weights, codes centred on zero): it sums q * x over each piece, multiplies by the scale once,
     and adds the constant part times sum(x), from sums of x computed once per call.
@@ -54,6 +56,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgelm.quant import formats as _formats
+from edgelm.quant import grids as _grids
 from edgelm.quant.formats import FORMATS, LANES, Piece, QuantFormat, format_for, row_bytes, splat
 
 __all__ = ["matvec", "matmul", "get_rows", "FusedLinear", "matvec_multi", "matmul_multi", "decode_piece"]
@@ -122,11 +125,28 @@ def _data_ptr(context, builder, ty, val, offset=None):
     return builder.gep(ptr, [offset]) if offset is not None else ptr
 
 
-def _per_format(builder, kid, body):
-    """switch (kid) { case t: body(FORMATS[t]) ... }; unknown ids fall through (callers validate)."""
+def kinds_mask(ggml_types) -> int:
+    """The set of types a kernel is compiled for, as a bit mask (bit t: ggml type t)."""
+    mask = 0
+    for t in ggml_types:
+        mask |= 1 << format_for(t).ggml_type
+    return mask
+
+
+def _kinds(kinds) -> int | None:
+    """The literal type mask a kernel specialisation is compiled for (see the module docstring); None while
+    numba types the kernel before `literally` has made the mask a constant (the intrinsic then declines)."""
+    return kinds.literal_value if isinstance(kinds, types.IntegerLiteral) else None
+
+
+def _per_format(builder, kid, body, kinds: int):
+    """switch (kid) { case t: body(FORMATS[t]) ... } for the types in the mask `kinds`; other ids fall
+    through (callers make sure the mask covers every type they pass)."""
     merge = builder.append_basic_block("quant.merge")
     sw = builder.switch(kid, merge)
     for t, fmt in sorted(FORMATS.items()):
+        if not kinds >> t & 1:
+            continue
         bb = builder.append_basic_block(f"quant.{fmt.name}")
         sw.add_case(ir.Constant(_I64, t), bb)
         builder.position_at_end(bb)
@@ -497,16 +517,19 @@ def _is_f32(t, ndim=None):
 
 
 @intrinsic
-def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, y, yoff):
+def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, y, yoff, kinds):
     """y[yoff + r] = W[r] . x for r in [r0, r1); W at address `addr`, `rb` bytes per row."""
     if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, yoff))
             and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(y, 1)):
         return None
+    mask = _kinds(kinds)
+    if mask is None:
+        return None
     sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                     x, xs8, y, types.int64)
+                     x, xs8, y, types.int64, kinds)
 
     def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, y_v, yoff_v = args
+        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, y_v, yoff_v, _ = args
         base = builder.inttoptr(addr_v, _I8P)
         xp = _data_ptr(context, builder, signature.args[6], x_v)
         xsp = _data_ptr(context, builder, signature.args[7], xs_v)
@@ -518,25 +541,28 @@ def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, y, yoff):
                 (dot,) = _dot_rows(builder, fmt, [row], n_v, xp, xsp, _PF_BYTES)
                 builder.store(dot, builder.gep(yp, [loop.index]))
 
-        _per_format(builder, kid_v, body)
+        _per_format(builder, kid_v, body, mask)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y, yoff):
+def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y, yoff, kinds):
     """As _mv_rows, with x also given in fixed point (xq int16, xsc block scales; see _quantize_x) for the
     integer dot of quantized rows; float-typed rows (F32/F16/BF16) take the float dot."""
     if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, passes, yoff))
             and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xbs, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
             and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.ndim == 1):
         return None
+    mask = _kinds(kinds)
+    if mask is None:
+        return None
     sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                     x, xs8, xbs, xq, xsc, types.int64, y, types.int64)
+                     x, xs8, xbs, xq, xsc, types.int64, y, types.int64, kinds)
 
     def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, xbs_v, xq_v, xsc_v, passes_v, y_v, yoff_v = args
+        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, xbs_v, xq_v, xsc_v, passes_v, y_v, yoff_v, _ = args
         base = builder.inttoptr(addr_v, _I8P)
         xp = _data_ptr(context, builder, signature.args[6], x_v)
         xsp = _data_ptr(context, builder, signature.args[7], xs_v)
@@ -560,21 +586,24 @@ def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, p
                             builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, xbsp, n_pass,
                                                         _PF_BYTES), builder.gep(yp, [loop.index]))
 
-        _per_format(builder, kid_v, body)
+        _per_format(builder, kid_v, body, mask)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def _decode_row(typingctx, kid, addr, rb, r, n_in, dst, doff):
+def _decode_row(typingctx, kid, addr, rb, r, n_in, dst, doff, kinds):
     """dst.flat[doff : doff + n_in] = row r of W decoded (exactly, unless inside fastmath code)."""
     if not (all(_is_int(t) for t in (kid, addr, rb, r, n_in, doff)) and _is_f32(dst)):
         return None
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, dst, types.int64)
+    mask = _kinds(kinds)
+    if mask is None:
+        return None
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, dst, types.int64, kinds)
 
     def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r_v, n_v, dst_v, off_v = args
+        kid_v, addr_v, rb_v, r_v, n_v, dst_v, off_v, _ = args
         src = builder.gep(builder.inttoptr(addr_v, _I8P), [builder.mul(r_v, rb_v)])
         dp = _data_ptr(context, builder, signature.args[5], dst_v, off_v)
 
@@ -595,7 +624,7 @@ def _decode_row(typingctx, kid, addr, rb, r, n_in, dst, doff):
                     w = _lane0(builder, decode_piece(builder, next(fmt.emit(builder, elem, 1))))
                     builder.store(w, builder.gep(dp, [i]))
 
-        _per_format(builder, kid_v, body)
+        _per_format(builder, kid_v, body, mask)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -777,16 +806,21 @@ def _quantize_x(x, npc, passes, xq, xsc):
 
 
 def _formats_fingerprint() -> str:
+    """A hash of the sources the kernels' IR comes from (the format table and the lattice lookups)."""
+    h = hashlib.sha256()
     try:
-        with open(_formats.__file__, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        for module in (_formats, _grids):
+            with open(module.__file__, "rb") as f:
+                h.update(f.read())
     except OSError:  # no readable source (frozen / zipped install): nothing to go stale against
         return "no-source"
+    return h.hexdigest()
 
 
-def _build(fingerprint: str) -> SimpleNamespace:
+def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
     # Kernels must not call other closures (a dispatcher in a closure cell defeats numba's cache),
-    # so each kernel expands the per-type intrinsics itself.
+    # so each kernel expands the per-type intrinsics itself.  `kinds` (the type mask) is a closure
+    # constant: numba types it as a literal, which the intrinsics read, and it is part of the cache key.
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
     def matvec_kernel(plan, n_in, x, y, nchunks, parallel, passes):
@@ -812,9 +846,9 @@ def _build(fingerprint: str) -> SimpleNamespace:
             for j in range(nmat):
                 if passes:
                     _mv_rows_int(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, xbs, xq, xsc,
-                                 passes, y, plan[j, 4])
+                                 passes, y, plan[j, 4], kinds)
                 else:
-                    _mv_rows(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, y, plan[j, 4])
+                    _mv_rows(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, y, plan[j, 4], kinds)
             return
         total = plan[nmat - 1, 5] + plan[nmat - 1, 3] * plan[nmat - 1, 1]
         for t in prange(nchunks):
@@ -827,9 +861,9 @@ def _build(fingerprint: str) -> SimpleNamespace:
                 if r0 < r1:
                     if passes:
                         _mv_rows_int(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y,
-                                     plan[j, 4])
+                                     plan[j, 4], kinds)
                     else:
-                        _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, y, plan[j, 4])
+                        _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, y, plan[j, 4], kinds)
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
     def matmul_kernel(plan, n_in, X, Y, nthreads, tile_rows):
@@ -870,7 +904,7 @@ def _build(fingerprint: str) -> SimpleNamespace:
                     for r0 in range(max(0, lo - row0), min(n_out, hi - row0), tile_rows):
                         rn = min(tile_rows, min(n_out, hi - row0) - r0)
                         for i in range(rn):
-                            _decode_row(kid, kaddr, rb, r0 + i, ke - kb, W, i * kw)
+                            _decode_row(kid, kaddr, rb, r0 + i, ke - kb, W, i * kw, kinds)
                         for p in range(n_panels):
                             mv = min(_NR, M - p * _NR)
                             for k0 in range(kb, ke, kc):
@@ -891,15 +925,25 @@ def _build(fingerprint: str) -> SimpleNamespace:
         fingerprint  # noqa: B018
         if not parallel:
             for i in range(ids.shape[0]):
-                _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in)
+                _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in, kinds)
             return
         for i in prange(ids.shape[0]):
-            _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in)
+            _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in, kinds)
 
     return SimpleNamespace(matvec=matvec_kernel, matmul=matmul_kernel, rows=rows_kernel)
 
 
-_K = _build(_formats_fingerprint())
+_FINGERPRINT = _formats_fingerprint()
+_KERNELS: dict[int, SimpleNamespace] = {}
+
+
+def _kernels(kinds: int) -> SimpleNamespace:
+    """The kernels compiled for the type mask `kinds` (built on first use; numba compiles, or loads
+    from its disk cache, at the first call)."""
+    k = _KERNELS.get(kinds)
+    if k is None:
+        k = _KERNELS[kinds] = _build(_FINGERPRINT, kinds)
+    return k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -922,6 +966,13 @@ def _weights(raw: np.ndarray, ggml_type: int, n_rows: int | None,
 
 def _addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
+
+
+def _with_types(kinds: int, plan: np.ndarray) -> int:
+    """`kinds` plus every type of the plan (a kernel must hold a case for each type it is given)."""
+    for t in plan[:, _P_KID]:
+        kinds |= 1 << int(t)
+    return kinds
 
 
 def _plan(weights, n_in: int) -> tuple[np.ndarray, list, tuple[int, ...]]:
@@ -998,10 +1049,12 @@ class FusedLinear:
     T == 1 runs the matvec kernel, T > 1 the matmul kernel.
     """
 
-    __slots__ = ("plan", "n_in", "n_outs", "n_total", "_keep", "_bounds", "_parallel", "_tile_rows")
+    __slots__ = ("plan", "n_in", "n_outs", "n_total", "kinds", "_k", "_keep", "_bounds", "_parallel", "_tile_rows")
 
-    def __init__(self, weights: Sequence, n_in: int):
+    def __init__(self, weights: Sequence, n_in: int, kinds: int = 0):
         self.plan, self._keep, self.n_outs = _plan(weights, n_in)
+        self.kinds = _with_types(kinds, self.plan)
+        self._k = _kernels(self.kinds)
         self.n_in = int(n_in)
         self.n_total = int(sum(self.n_outs))
         ends = np.cumsum(self.n_outs)
@@ -1024,7 +1077,7 @@ class FusedLinear:
                 and x.flags.c_contiguous):
             x = _activations(x, 1, self.n_in)
         y = self._out(1, out)
-        _K.matvec(self.plan, self.n_in, x, y, _NCHUNKS, self._parallel, _PASSES[0])
+        self._k.matvec(self.plan, self.n_in, x, y, _NCHUNKS, self._parallel, _PASSES[0])
         return tuple([y[a:b] for a, b in self._bounds])
 
     def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -1035,12 +1088,12 @@ class FusedLinear:
         m = X.shape[0]
         if m == 1:  # decode: the matvec kernel; (1, n) column slices are contiguous
             y = self._out(1, out)
-            _K.matvec(self.plan, self.n_in, X[0], y, _NCHUNKS, self._parallel, _PASSES[0])
+            self._k.matvec(self.plan, self.n_in, X[0], y, _NCHUNKS, self._parallel, _PASSES[0])
             y = y.reshape(1, -1)
             return tuple([y[:, a:b] for a, b in self._bounds])
         y = self._out(m, out)
         if m:
-            _K.matmul(self.plan, self.n_in, X, y, _NCHUNKS, self._tile_rows)
+            self._k.matmul(self.plan, self.n_in, X, y, _NCHUNKS, self._tile_rows)
         return tuple([y[m * a:m * b].reshape(m, b - a) for a, b in self._bounds])
 
     __call__ = matmul
@@ -1060,34 +1113,36 @@ def matmul_multi(weights: Sequence, n_in: int, X: np.ndarray,
 
 
 def matvec(raw: np.ndarray, ggml_type: int, n_out: int, n_in: int, x: np.ndarray,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """y = W @ x for W given as its quantized (n_out, row_bytes) uint8 view; y is (n_out,) float32."""
+           out: np.ndarray | None = None, kinds: int = 0) -> np.ndarray:
+    """y = W @ x for W given as its quantized (n_out, row_bytes) uint8 view; y is (n_out,) float32.
+    kinds: other types to compile into the same kernel (see `kinds_mask`; a model passes all of its own)."""
     plan, parallel = _single_plan(raw, ggml_type, n_out, n_in)
     x = _activations(x, 1, n_in)
     out = _output(out, (n_out,))
-    _K.matvec(plan, n_in, x, out, _NCHUNKS, parallel, _PASSES[0])
+    _kernels(kinds | 1 << int(plan[0, _P_KID])).matvec(plan, n_in, x, out, _NCHUNKS, parallel, _PASSES[0])
     return out
 
 
 def matmul(raw: np.ndarray, ggml_type: int, n_out: int, n_in: int, X: np.ndarray,
-           out: np.ndarray | None = None) -> np.ndarray:
+           out: np.ndarray | None = None, kinds: int = 0) -> np.ndarray:
     """Y = X @ W.T for a batch X (M, n_in) float32; Y is (M, n_out) float32."""
     plan, _ = _single_plan(raw, ggml_type, n_out, n_in)
     X = _activations(X, 2, n_in)
     out = _output(out, (X.shape[0], n_out))
     if X.shape[0]:
-        _K.matmul(plan, n_in, X, out.reshape(-1), _NCHUNKS, _matmul_tile_rows(n_in))
+        _kernels(kinds | 1 << int(plan[0, _P_KID])).matmul(plan, n_in, X, out.reshape(-1), _NCHUNKS,
+                                                           _matmul_tile_rows(n_in))
     return out
 
 
 def get_rows(raw: np.ndarray, ggml_type: int, n_in: int, ids,
-             out: np.ndarray | None = None) -> np.ndarray:
+             out: np.ndarray | None = None, kinds: int = 0) -> np.ndarray:
     """Rows `ids` of W decoded to float32 (len(ids), n_in), bit-exact: an embedding lookup."""
     raw, fmt = _weights(raw, ggml_type, None, n_in)
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= raw.shape[0]):
         raise IndexError(f"row ids must be in [0, {raw.shape[0]}), got {ids.min()}..{ids.max()}")
     out = _output(out, (ids.size, n_in))
-    _K.rows(fmt.ggml_type, _addr(raw), raw.strides[0], n_in, ids, out.reshape(-1),
-            out.nbytes >= _PAR_MIN_ROWS_BYTES)
+    _kernels(kinds | 1 << fmt.ggml_type).rows(fmt.ggml_type, _addr(raw), raw.strides[0], n_in, ids, out.reshape(-1),
+                                              out.nbytes >= _PAR_MIN_ROWS_BYTES)
     return out
