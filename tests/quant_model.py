@@ -53,17 +53,18 @@ def random_blocks(rng, qtype, n_rows: int, n_in: int, std: float = WEIGHT_STD) -
     second = 2.0 if qtype == T.Q2_K else 1.0
     ones = np.ones(n_blocks)
     set_block_scales(blocks, qtype, ones, second * ones)
-    unit = float(gguf.quants.dequantize(blocks, qtype).std())   # the weights' spread at d = 1
+    # the weights' spread at d = 1, from at most 4096 blocks (all of them in the test files)
+    unit = float(gguf.quants.dequantize(blocks[:4096], qtype).std())
     d = std / unit * rng.uniform(0.5, 1.5, n_blocks)
     set_block_scales(blocks, qtype, d, second * d)
     return blocks.reshape(n_rows, -1)
 
 
-def _tensors(qtype, seed: int, embedding_only: bool = False):
+def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE):
     """(name, array, raw_dtype or None) of the model, in file order.  embedding_only: only token_embd has the
     type; the rest is float32 with zero attention-output and down projections, so the layers add nothing and
     the logits are a float32 function of the decoded embedding rows (a probe of a runtime's decode alone)."""
-    s = SHAPE
+    s = shape
     d, hd = s["n_embd"], s["n_embd"] // s["n_head"]
     kv = s["n_head_kv"] * hd
     rng = np.random.default_rng([seed, int(qtype)])
@@ -94,12 +95,13 @@ def _tensors(qtype, seed: int, embedding_only: bool = False):
     return out
 
 
-def write_model(path, qtype, seed: int = 0, embedding_only: bool = False) -> str:
+def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape: dict = SHAPE) -> str:
     """Write the model with every matrix (embeddings and output too) of type `qtype` (see _tensors for
-    embedding_only); returns a digest of its tensor data, the same wherever the file is made again."""
+    embedding_only); returns a digest of its tensor data, the same wherever the file is made again.  `shape`:
+    SHAPE's keys (tools/bench_quant_types.py writes larger ones; reference_logits reads only SHAPE's)."""
     from edgelm.commands.convert.vocab import add_vocab
 
-    s = SHAPE
+    s = shape
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"edgelm quant check {T(qtype).name} (random blocks)")
     w.add_context_length(s["n_ctx"])
@@ -113,7 +115,7 @@ def write_model(path, qtype, seed: int = 0, embedding_only: bool = False) -> str
     w.add_layer_norm_rms_eps(RMS_EPS)
     add_vocab(w, TINY_TOKENIZER, s["n_vocab"], "llama")
     h = hashlib.sha256()
-    for name, data, raw_dtype in _tensors(qtype, seed, embedding_only):
+    for name, data, raw_dtype in _tensors(qtype, seed, embedding_only, shape):
         w.add_tensor(name, data, raw_dtype=raw_dtype)
         h.update(name.encode() + np.ascontiguousarray(data).tobytes())
     w.write_header_to_file()
