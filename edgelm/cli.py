@@ -461,6 +461,44 @@ def bench(models, n_prompt, n_gen, n_depth, cache_type_k, cache_type_v, threads,
     printer.close()
 
 
+def _perplexity_output(v, opt):
+    from .commands.perplexity import OUTPUT_FORMATS
+    if v not in OUTPUT_FORMATS:
+        raise EdgeLMError(f"{opt}: unknown output format {v!r} (choose from {', '.join(OUTPUT_FORMATS)})")
+    return v
+
+
+@cli.command()
+@model_option
+@click.option("-f", "--file", "text_path", type=click.Path(dir_okay=False), default=None,
+              help="The text to score (UTF-8).")
+@click.option("-c", "--ctx", type=_one_int(4), default="512", show_default=True,
+              help="Tokens per chunk (llama-perplexity's n_ctx); the second half of each is scored.")
+@click.option("--chunks", type=_one_int(1), default=None, help="Score only the first N chunks  [default: all]")
+@_threads_option
+@_cache_type_option("-ctk", "--cache-type-k", "keys")
+@_cache_type_option("-ctv", "--cache-type-v", "values")
+@click.option("--kl-divergence-base", "kl_base", type=click.Path(dir_okay=False), default=None,
+              help="Without --kl-divergence: also save the model's log-probabilities to this file. With it: the "
+                   "file of the base model to compare with (llama-perplexity's format, either way).")
+@click.option("--kl-divergence", "kl", is_flag=True,
+              help="Compare with the base file: KL divergence, top-1 agreement (\"same top p\"), Δp, PPL ratio.")
+@click.option("-o", "--output", "fmt", type=_Checked(_perplexity_output, "text|json"), default="text",
+              show_default=True, help="llama-perplexity's text, or one JSON object.")
+def perplexity(model, text_path, ctx, chunks, threads, cache_type_k, cache_type_v, kl_base, kl, fmt):
+    """Perplexity of MODEL on a text, by llama-perplexity's method (chunks of -c tokens, the second half of
+    each scored), and KL divergence from a base model.
+
+    \b
+    edgelm perplexity -m base.gguf -f text.txt --kl-divergence-base base.kld
+    edgelm perplexity -m quantized.gguf --kl-divergence-base base.kld --kl-divergence
+    """
+    from .commands.perplexity import run_perplexity
+    run_perplexity(lambda n_ctx: _load(model, ctx=n_ctx, threads=threads, cache_type_k=cache_type_k,
+                                       cache_type_v=cache_type_v),
+                   text_path, ctx, chunks, fmt, kl_base, kl)
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024   # bytes on macOS, KiB on Linux

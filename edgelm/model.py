@@ -100,9 +100,10 @@ class Model:
         return self.tokenizer.decode(ids)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def eval_logits(self, ids, session: Session | None = None) -> np.ndarray:
-        """Next-token logits at every position of `ids`, evaluated from an empty context: (len, n_vocab) f32."""
-        return (session or self.session).eval_logits(ids)
+    def eval_logits(self, ids, session: Session | None = None, first: int = 0) -> np.ndarray:
+        """Next-token logits at every position of `ids` (from `first` on), evaluated from an empty context:
+        (len - first, n_vocab) f32."""
+        return (session or self.session).eval_logits(ids, first)
 
     def prefill(self, ids: list[int], stats: GenerationStats | None = None,
                 session: Session | None = None) -> np.ndarray:

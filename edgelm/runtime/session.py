@@ -144,12 +144,17 @@ class Session:
         self._written(pos + 1)
         return logits
 
-    def eval_logits(self, ids) -> np.ndarray:
-        """Next-token logits at every position of `ids`, evaluated from an empty context: (len, n_vocab)."""
+    def eval_logits(self, ids, first: int = 0) -> np.ndarray:
+        """Next-token logits at the positions first.. of `ids`, evaluated from an empty context:
+        (len - first, n_vocab). The positions before `first` are evaluated without their logits."""
         arr = self._check_ids(ids)
         self.check_fits(len(arr))
+        if not 0 <= first < len(arr):
+            raise ValueError(f"first must be in 0..{len(arr) - 1}, not {first}")
         self.clear()
-        return self._evaluate(arr, all_logits=True)
+        if first:
+            self._evaluate(arr[:first])
+        return self._evaluate(arr[first:], all_logits=True)
 
     # -- context shift ------------------------------------------------------------------------------
     def shift(self, n_keep: int, n_discard: int) -> None:
