@@ -328,26 +328,33 @@ def info(models, as_json, tensors, compare, ctx):
 @click.argument("dst", type=click.Path(dir_okay=False))
 @click.argument("qtype", metavar="TYPE")
 def quantize(src, dst, qtype):
-    """Rewrite SRC as DST with its weight matrices in TYPE (q8_0, q4_0, q4_1, q5_0, q5_1).
+    """Rewrite SRC as DST with its weight matrices in TYPE: a legacy type (q8_0 q4_0 q4_1 q5_0 q5_1), every
+    matrix in it, or one of llama.cpp's K-quant file types (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s
+    q5_k_m q6_k), the per-tensor mix llama.cpp's quantizer picks.
 
-    Blocks equal gguf.quants' reference quantizer byte for byte; 1-D tensors (norms, biases) keep their type.
+    Blocks equal llama.cpp's reference quantizers byte for byte; 1-D tensors (norms, biases) keep their type.
     DST is written under a temporary name and appears only when complete."""
     from .commands.quantize import quantize_file
     if os.path.abspath(src) == os.path.abspath(dst):
         raise EdgeLMError(f"{dst}: the output must be a different file from the input")
     with _TensorProgress("quantizing") as step:
         counts = quantize_file(src, dst, qtype, progress=step)
-    click.echo(f"{dst}: {counts['quantized']} tensors quantized to {qtype.upper()}, {counts['copied']} copied", err=True)
+    mix = {}
+    for t in counts["types"].values():
+        mix[t] = mix.get(t, 0) + 1
+    click.echo(f"{dst}: {counts['quantized']} tensors quantized ({qtype.upper()}), {counts['copied']} copied; "
+               + ", ".join(f"{n} {t}" for t, n in sorted(mix.items(), key=lambda kv: -kv[1])), err=True)
 
 
 @cli.command()
 @click.argument("hf_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--outfile", required=True, type=click.Path(dir_okay=False), help="The GGUF to write.")
 @click.option("--outtype", default="f16", show_default=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4_moe"],
-                                case_sensitive=False),
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4_moe",
+                                 "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+                                 "q3_k", "q4_k", "q5_k"], case_sensitive=False),
               help="Type of the weight matrices (norms, biases and routers stay f32; mxfp4_moe: experts MXFP4, "
-                   "the rest q8_0).")
+                   "the rest q8_0; q2_k ... q6_k: llama.cpp's K-quant mixes, as `quantize` writes them).")
 def convert(hf_dir, outfile, outtype):
     """Convert a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer) to a GGUF.
 

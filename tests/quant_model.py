@@ -63,7 +63,8 @@ def random_blocks(rng, qtype, n_rows: int, n_in: int, std: float = WEIGHT_STD) -
 def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE):
     """(name, array, raw_dtype or None) of the model, in file order.  embedding_only: only token_embd has the
     type; the rest is float32 with zero attention-output and down projections, so the layers add nothing and
-    the logits are a float32 function of the decoded embedding rows (a probe of a runtime's decode alone)."""
+    the logits are a float32 function of the decoded embedding rows (a probe of a runtime's decode alone).
+    qtype F16: a float file of Gaussian weights (and some edge rows, _edge_rows), the input of a quantizer."""
     s = shape
     d, hd = s["n_embd"], s["n_embd"] // s["n_head"]
     kv = s["n_head_kv"] * hd
@@ -73,12 +74,16 @@ def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE
         return rng.uniform(0.8, 1.2, d).astype(np.float32)
 
     def mat(rows, cols, zero=False):
+        if qtype == T.F16:          # a float file, the input of a quantizer
+            return (rng.standard_normal((rows, cols)) * WEIGHT_STD).astype(np.float16), None
         if embedding_only:
             m = np.zeros((rows, cols), np.float32) if zero else rng.standard_normal((rows, cols)) * WEIGHT_STD
             return m.astype(np.float32), None
         return random_blocks(rng, qtype, rows, cols), qtype
 
-    out = [("token_embd.weight", random_blocks(rng, qtype, s["n_vocab"], d, 1.0), qtype),
+    embd = (rng.standard_normal((s["n_vocab"], d)).astype(np.float16), None) if qtype == T.F16 else \
+        (random_blocks(rng, qtype, s["n_vocab"], d, 1.0), qtype)
+    out = [("token_embd.weight", *embd),
            ("output_norm.weight", norm(), None),
            ("output.weight", *mat(s["n_vocab"], d))]
     for il in range(s["n_layer"]):
@@ -92,7 +97,24 @@ def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE
                 (p + "ffn_gate.weight", *mat(s["n_ff"], d)),
                 (p + "ffn_up.weight", *mat(s["n_ff"], d)),
                 (p + "ffn_down.weight", *mat(d, s["n_ff"], zero=True))]
+    if qtype == T.F16:
+        _edge_rows(dict((n, a) for n, a, _ in out)["blk.0.ffn_gate.weight"])
     return out
+
+
+def _edge_rows(m: np.ndarray) -> None:
+    """Rows a quantizer must get right beyond Gaussian data (in place, float16): zeros, constants of either
+    sign, values at float16's subnormal end, one spike among zeros, a huge range, sub-blocks of zeros."""
+    n = m.shape[1]
+    m[0] = 0
+    m[1] = 0.5
+    m[2] = -0.25
+    m[3] = np.float16(6e-8) * np.arange(n) % 7
+    m[4] = 0
+    m[4, n // 3] = 3.0
+    m[5] = np.where(np.arange(n) % 2, 60000.0, -1e-3)
+    m[6, :n // 2] = 0
+    m[7] = np.abs(m[7])
 
 
 def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape: dict = SHAPE) -> str:

@@ -238,3 +238,20 @@ def test_quantize_of_converted_file_equals_converting_quantized(converted, name,
     for t in a.tensors.values():
         assert t.ggml_type == b.tensors[t.name].ggml_type, t.name
         assert a.tensor(t.name).tobytes() == b.tensor(t.name).tobytes(), t.name
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_convert_to_a_k_quant_mix_equals_quantize(converted, name, tmp_path):
+    """`convert --outtype q4_k_m` and `quantize f32-file q4_k_m` take their types from one table (the tiny
+    checkpoints' rows of 64 take llama.cpp's fallbacks) and write the same bytes; the file runs."""
+    from edgelm.commands.quantize import quantize_file
+    out = tmp_path / "q.gguf"
+    quantize_file(str(converted(name, "f32")), str(out), "q4_k_m")
+    a, b = GGUFFile(str(out)), GGUFFile(str(converted(name, "q4_k_m")))
+    assert set(a.tensors) == set(b.tensors)
+    for t in a.tensors.values():
+        assert t.ggml_type == b.tensors[t.name].ggml_type, t.name
+        assert a.tensor(t.name).tobytes() == b.tensor(t.name).tobytes(), t.name
+    assert a.metadata["general.file_type"] == b.metadata["general.file_type"] == 15     # MOSTLY_Q4_K_M
+    r = run_cli("generate", "-m", str(out), "-n", "4", "--temp", "0", "hello")
+    assert r.returncode == 0, r.stderr

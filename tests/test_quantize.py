@@ -66,7 +66,7 @@ def _error(p, *needles):
 
 def test_errors_leave_nothing_behind(smollm2_path, tmp_path):
     out = tmp_path / "x.gguf"
-    _error(run_cli("quantize", smollm2_path, str(out), "q3_k"), "unknown quantization type 'q3_k'")
+    _error(run_cli("quantize", smollm2_path, str(out), "q3_k_x"), "unknown quantization type 'q3_k_x'", "q4_k_m")
     _error(run_cli("quantize", smollm2_path, str(out), "q8_0"), "is Q4_1", "lower precision than Q8_0")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a model at all" * 10)

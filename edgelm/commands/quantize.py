@@ -1,9 +1,10 @@
 """`edgelm quantize IN.gguf OUT.gguf TYPE`: rewrite a GGUF with its weight matrices in another block format.
 
-Blocks are made by gguf-py's reference quantizer (gguf.quants.quantize), so the output equals it byte for
-byte. As in llama.cpp's quantizer (src/llama-quant.cpp), only matrices are quantized: 1-D tensors (norms,
-biases) keep their type. One tensor is in memory at a time; the file is written under a temporary name and
-renamed at the end, so a failure leaves nothing behind.
+TYPE is a legacy type (q8_0 ... q5_1: every matrix in it) or one of llama.cpp's K-quant file types (q2_k,
+q3_k_s ... q6_k: the per-tensor mix of quant/recipes.py). Blocks equal llama.cpp's reference quantizers
+byte for byte (quant/writers.py). As in llama.cpp's quantizer (src/llama-quant.cpp), only matrices are
+quantized: 1-D tensors (norms, biases) keep their type. One tensor is in memory at a time; the file is
+written under a temporary name and renamed at the end, so a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType, GGUFWriter, LlamaFileType
-from gguf.quants import quantize as reference_quantize
 
 from ..atomic import atomic_output
 from ..config import ModelConfig
 from ..errors import EdgeLMError, UnsupportedError
 from ..gguf_file import GGUFFile
+from ..quant import recipes
 from ..quant.formats import dequantize, format_for
+from ..quant.writers import encode
 
 # target name -> (ggml type, general.file_type)   (gguf-py constants.py LlamaFileType)
 TARGETS = {
@@ -45,26 +47,48 @@ def _is_matrix(info) -> bool:
     return len(info.shape) >= 2 and info.name.endswith(".weight") and not info.name.endswith(KEEP_UNQUANTIZED)
 
 
+def target_names() -> list[str]:
+    return [*TARGETS, *recipes.FILE_TYPES]
+
+
+def model_shape(g: GGUFFile, config: ModelConfig) -> recipes.ModelShape:
+    """What llama.cpp's per-tensor rules read from a model (quant/recipes.py)."""
+    names = g.tensors.keys()
+    n_attn_v = sum(1 for n in names if n.endswith(("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")))
+    return recipes.ModelShape(g.architecture, config.n_layer, config.n_head, config.n_head_kv, config.n_expert,
+                              tied_output="output.weight" not in names, n_attn_v=n_attn_v)
+
+
+def _plan_type(key: str, info, shape: recipes.ModelShape | None):
+    """The type matrix `info` is written in, or None to copy it as it is."""
+    if not _is_matrix(info):
+        return None
+    if key in TARGETS:
+        return TARGETS[key][0] if info.shape[0] % 32 == 0 else None
+    return recipes.tensor_type(key, info.name, info.n_in, shape)
+
+
 def quantize_file(src: str, dst: str, target: str,
                   progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Write `dst`: `src` with every weight matrix in `target` (q8_0, q4_0, q4_1, q5_0, q5_1).
-    Returns counts of quantized / copied tensors."""
+    """Write `dst`: `src` with every weight matrix in `target` (q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant file
+    type: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k). Returns counts of quantized / copied tensors."""
     key = target.lower()
-    if key not in TARGETS:
-        raise EdgeLMError(f"unknown quantization type '{target}' (choose from {', '.join(TARGETS)})")
-    qtype, file_type = TARGETS[key]
+    key = recipes.ALIASES.get(key, key)
+    if key not in TARGETS and key not in recipes.FILE_TYPES:
+        raise EdgeLMError(f"unknown quantization type '{target}' (choose from {', '.join(target_names())})")
+    file_type = TARGETS[key][1] if key in TARGETS else recipes.FILE_TYPES[key][0]
     g = GGUFFile(src)
-    ModelConfig.from_gguf(g)          # refuses an architecture edgelm cannot run
-    tbits = bits_per_weight(qtype)
+    config = ModelConfig.from_gguf(g)          # refuses an architecture edgelm cannot run
+    shape = model_shape(g, config) if key in recipes.FILE_TYPES else None
     plan = []
     for info in g.tensors.values():
-        quantize = _is_matrix(info) and info.shape[0] % 32 == 0 and info.ggml_type != qtype
-        if quantize and bits_per_weight(info.ggml_type) < tbits:
+        qtype = _plan_type(key, info, shape)
+        if qtype is not None and qtype != info.ggml_type and bits_per_weight(info.ggml_type) < bits_per_weight(qtype):
             raise UnsupportedError(
                 f"{src}: tensor {info.name} is {format_for(info.ggml_type).name} "
-                f"({bits_per_weight(info.ggml_type):.2f} bits/weight), lower precision than {qtype.name} "
-                f"({tbits:.2f}): quantize from an F32/F16/BF16 or higher-precision file")
-        plan.append((info, quantize))
+                f"({bits_per_weight(info.ggml_type):.2f} bits/weight), lower precision than {Q(qtype).name} "
+                f"({bits_per_weight(qtype):.2f}): quantize from an F32/F16/BF16 or higher-precision file")
+        plan.append((info, qtype if qtype != info.ggml_type else None))
     with atomic_output(dst, inputs=[src]) as tmp:
         w = GGUFWriter(tmp, arch=g.architecture)
         for k, v in g.metadata.items():
@@ -78,8 +102,8 @@ def quantize_file(src: str, dst: str, target: str,
         w.add_uint32("general.file_type", int(file_type))
         if "general.alignment" in g.metadata:
             w.add_uint32("general.alignment", int(g.metadata["general.alignment"]))
-        for info, quantize in plan:
-            t = qtype if quantize else info.ggml_type
+        for info, qtype in plan:
+            t = qtype if qtype is not None else info.ggml_type
             fmt = format_for(t)
             row_bytes = info.n_in // fmt.block_size * fmt.type_size
             byte_shape = tuple(reversed(info.shape[1:])) + (row_bytes,)   # numpy order, bytes per row last
@@ -87,15 +111,15 @@ def quantize_file(src: str, dst: str, target: str,
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for i, (info, quantize) in enumerate(plan):
+        for i, (info, qtype) in enumerate(plan):
             raw = g.tensor(info.name)
-            if quantize:
-                x = dequantize(raw, info.ggml_type, info.n_in)
-                data = reference_quantize(x, qtype)
+            if qtype is not None:
+                data = encode(dequantize(raw, info.ggml_type, info.n_in), qtype)
             else:
                 data = np.ascontiguousarray(raw)
             w.write_tensor_data(data)
             if progress:
                 progress(info.name, i + 1, len(plan))
         w.close()
-    return {"quantized": sum(q for _, q in plan), "copied": sum(not q for _, q in plan)}
+    return {"quantized": sum(q is not None for _, q in plan), "copied": sum(q is None for _, q in plan),
+            "types": {info.name: Q(q if q is not None else info.ggml_type).name for info, q in plan}}

@@ -17,11 +17,12 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType, get_tensor_name_map
-from gguf.quants import quantize as reference_quantize
 
 from ...arch.traits import ARCH_TRAITS
 from ...atomic import atomic_output
 from ...errors import EdgeLMError, UnsupportedError
+from ...quant import recipes
+from ...quant.writers import encode
 from ..quantize import KEEP_UNQUANTIZED, TARGETS as QUANT_TARGETS
 from .archs import SPECS, ConvertSpec, Source, sources
 from .safetensors import Checkpoint
@@ -34,6 +35,8 @@ OUTTYPES = {
     **QUANT_TARGETS,
     # llama-quantize's MXFP4_MOE: expert matrices in MXFP4 (how gpt-oss ships), everything else Q8_0
     "mxfp4_moe": (Q.Q8_0, LlamaFileType.MOSTLY_MXFP4_MOE),
+    # llama.cpp's K-quant file types: a type per tensor (quant/recipes.py, the table `quantize` uses)
+    **{name: (default, ftype) for name, (ftype, default) in recipes.FILE_TYPES.items()},
 }
 _F32_VT = GGUFValueType.FLOAT32
 _QUANT_VERSION = 2   # ggml GGML_QNT_VERSION, written by llama.cpp for quantized files
@@ -205,10 +208,14 @@ def _check_layer_types(hp: HParams, traits) -> None:
         raise UnsupportedError(f"config.json: layer_types {types} differ from the {traits.name} pattern {want}")
 
 
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> Q:
-    """The ggml type a tensor is written in (llama.cpp's rules, see _F32_SUFFIXES)."""
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str,
+                 model: recipes.ModelShape | None = None) -> Q:
+    """The ggml type a tensor is written in (llama.cpp's rules, see _F32_SUFFIXES; K-quant file types:
+    recipes.tensor_type for `model`)."""
     if len(shape) == 1 or gguf_name.endswith(_F32_SUFFIXES):
         return Q.F32
+    if outtype in recipes.FILE_TYPES:
+        return recipes.tensor_type(outtype, gguf_name, shape[-1], model)
     qtype = OUTTYPES[outtype][0]
     if outtype == "mxfp4_moe" and "_exps." in gguf_name:
         qtype = Q.MXFP4
@@ -235,7 +242,7 @@ def _source_files(d: Path, out: str) -> list[Path]:
 def convert(hf_dir: str, out: str, outtype: str = "f16",
             progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Convert the checkpoint in `hf_dir` to the GGUF `out`. Returns {"tensors": n, "arch": ...}."""
-    outtype = outtype.lower()
+    outtype = recipes.ALIASES.get(outtype.lower(), outtype.lower())
     if outtype not in OUTTYPES:
         raise EdgeLMError(f"unknown --outtype '{outtype}' (choose from {', '.join(OUTTYPES)})")
     d = Path(hf_dir)
@@ -270,7 +277,11 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
             if name in seen:
                 raise EdgeLMError(f"{d}: two checkpoint tensors map to {name}")
             seen.add(name)
-            qtype = _tensor_type(name, src.shape, outtype)
+        model = recipes.ModelShape(spec.arch, hp.n_layer, hp.n_head, hp.n_head_kv, hp.n_expert,
+                                   tied_output="output.weight" not in seen,
+                                   n_attn_v=sum(n.endswith(("attn_v.weight", "attn_qkv.weight")) for n in seen))
+        for name, src in plan:
+            qtype = _tensor_type(name, src.shape, outtype, model)
             byte_shape = _byte_shape(src.shape, qtype)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         if outtype not in ("f32", "f16", "bf16"):
@@ -282,8 +293,8 @@ def convert(hf_dir: str, out: str, outtype: str = "f16",
             a = src.load()
             if a.shape != src.shape:
                 raise EdgeLMError(f"{d}: tensor {src.hf_name} has shape {list(a.shape)}, expected {list(src.shape)}")
-            qtype = _tensor_type(name, src.shape, outtype)
-            data = a if qtype == Q.F32 else reference_quantize(a, qtype)
+            qtype = _tensor_type(name, src.shape, outtype, model)
+            data = a if qtype == Q.F32 else encode(a, qtype)
             w.write_tensor_data(np.ascontiguousarray(data))
             if progress:
                 progress(name, i + 1, len(plan))

@@ -1,0 +1,110 @@
+"""llama.cpp's file types (`llama-quantize ... Q4_K_M`): which block type each tensor of a model gets.
+
+The rules are llama.cpp's, restated as data (src/llama-quant.cpp, llama_tensor_get_type and
+tensor_type_fallback; dense models): every matrix starts at the file type's default type; the output matrix
+(and the token embeddings when the output reuses them) gets Q6_K; attn_v, ffn_down and attn_output get
+more bits in some layers; a row length that the chosen block does not divide falls back to a legacy type
+(Q8_0 for the output), then to F16.  1-D tensors (norms) and what llama.cpp never quantizes keep their type.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as FT
+
+from ..errors import UnsupportedError
+
+# file type name -> (general.file_type, default type)   (llama_ftype_get_default_type)
+FILE_TYPES = {
+    "q2_k": (FT.MOSTLY_Q2_K, Q.Q2_K),
+    "q3_k_s": (FT.MOSTLY_Q3_K_S, Q.Q3_K),
+    "q3_k_m": (FT.MOSTLY_Q3_K_M, Q.Q3_K),
+    "q3_k_l": (FT.MOSTLY_Q3_K_L, Q.Q3_K),
+    "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K),
+    "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
+    "q5_k_s": (FT.MOSTLY_Q5_K_S, Q.Q5_K),
+    "q5_k_m": (FT.MOSTLY_Q5_K_M, Q.Q5_K),
+    "q6_k": (FT.MOSTLY_Q6_K, Q.Q6_K),
+}
+ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}     # llama-quantize's
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+# Per-layer rules: file type -> function (layer, n) -> type, for attn_v and ffn_down (attn_output: a type).
+_ATTN_V = {
+    "q3_k_m": lambda i, n: Q.Q5_K if i < 2 else Q.Q4_K,
+    "q3_k_l": lambda i, n: Q.Q5_K,
+    "q4_k_m": lambda i, n: Q.Q6_K if _more_bits(i, n) else Q.Q4_K,
+    "q5_k_m": lambda i, n: Q.Q6_K if _more_bits(i, n) else Q.Q5_K,
+    "q4_k_s": lambda i, n: Q.Q5_K if i < 4 else Q.Q4_K,
+}
+_FFN_DOWN = {
+    "q2_k": lambda i, n: Q.Q3_K,
+    "q3_k_m": lambda i, n: Q.Q5_K if i < n // 16 else Q.Q4_K,
+    "q3_k_l": lambda i, n: Q.Q5_K,
+    "q4_k_m": lambda i, n: Q.Q6_K if _more_bits(i, n) else Q.Q4_K,
+    "q5_k_m": lambda i, n: Q.Q6_K if _more_bits(i, n) else Q.Q5_K,
+    "q4_k_s": lambda i, n: Q.Q5_K if i < n // 8 else Q.Q4_K,
+}
+_ATTN_OUTPUT = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}
+
+# A row length the 256-block does not divide (tensor_type_fallback, newest llama.cpp): then F16 if 32 does not.
+_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the rules read from a model: its layer count, attention heads, experts, and whether the output
+    matrix is its own tensor (else the token embeddings serve as output: "tied")."""
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int
+    tied_output: bool
+    n_attn_v: int
+
+
+def resolve(name: str) -> str:
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    if key not in FILE_TYPES:
+        raise UnsupportedError(f"unknown file type '{name}'")
+    return key
+
+
+def tensor_type(file_type: str, name: str, n_in: int, shape: ModelShape) -> Q:
+    """The type llama.cpp's quantizer gives matrix `name` (rows of n_in values) for this file type."""
+    if shape.n_expert > 1:
+        raise UnsupportedError(f"{file_type.upper()} for a mixture-of-experts model is not supported yet "
+                               "(llama.cpp's expert rules are not implemented)")
+    default = FILE_TYPES[file_type][1]
+    m = _LAYER.match(name)
+    layer = int(m.group(1)) if m else -1
+    if name == "output.weight" or (name == "token_embd.weight" and shape.tied_output):
+        t = Q.Q6_K if n_in % 256 == 0 else Q.Q8_0
+        return t if n_in % 32 == 0 else Q.F16
+    t = default
+    if name == "token_embd.weight":
+        pass
+    elif any(k in name for k in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")):
+        if file_type == "q2_k":
+            t = Q.Q4_K if shape.n_head_kv and shape.n_head // shape.n_head_kv >= 4 else Q.Q3_K
+        elif file_type in _ATTN_V:
+            t = _ATTN_V[file_type](layer, shape.n_attn_v)
+        if shape.arch == "llama" and shape.n_layer == 80 and t in (Q.Q3_K, Q.Q4_K):   # llama.cpp's 70B rule
+            t = Q.Q5_K
+    elif "attn_output.weight" in name:
+        t = _ATTN_OUTPUT.get(file_type, default)
+    elif "ffn_down" in name and file_type in _FFN_DOWN:
+        t = _FFN_DOWN[file_type](layer, shape.n_layer)
+    if n_in % 256:
+        t = _FALLBACK.get(t, t)
+    return t if n_in % 32 == 0 else Q.F16
