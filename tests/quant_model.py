@@ -191,3 +191,17 @@ def reference_logits(path, ids) -> np.ndarray:
         g = h @ W[p + "ffn_gate.weight"].T
         x = x + (g / (1 + np.exp(-g)) * (h @ W[p + "ffn_up.weight"].T)) @ W[p + "ffn_down.weight"].T
     return _rms_norm(x, W["output_norm.weight"]) @ W["output.weight"].T
+
+
+def importance_case(seed: int = 5, n_rows: int = 32, n_in: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for the K-quant writers with importance weights (x float32 (n_rows, n_in), weights (n_in,)):
+    scales over decades, degenerate rows, and weights with zeros and a long tail, as real imatrices have."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n_rows, n_in)) * np.exp(rng.uniform(-4, 2, (n_rows, 1)))).astype(np.float32)
+    x[1] = 0
+    x[2] = 0.5
+    x[3, ::2] = 0
+    x[4] *= np.float32(1e-30)
+    w = (rng.gamma(0.5, 1.0, n_in) * 3).astype(np.float32)
+    w[::17] = 0
+    return x, w

@@ -16,17 +16,18 @@ from edgelm.errors import EdgeLMError
 from edgelm.quant import kquant_writer, recipes
 from edgelm.quant.writers import encode
 from tests.conftest import run_cli
-from tests.quant_model import T, write_model
+from tests.quant_model import T, importance_case, write_model
 
 GOLDEN = json.loads(open(os.path.join(os.path.dirname(__file__), "golden", "kquant_llamacpp.json")).read())
-CASES = [(label, ft) for label in GOLDEN for ft in GOLDEN[label]["files"]]
+MODELS = {label: entry for label, entry in GOLDEN.items() if label != "importance"}
+CASES = [(label, ft) for label in MODELS for ft in MODELS[label]["files"]]
 
 
 @pytest.fixture(scope="module")
 def f16_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("kquant")
     paths = {}
-    for label, entry in GOLDEN.items():
+    for label, entry in MODELS.items():
         paths[label] = d / f"{label}-f16.gguf"
         assert write_model(paths[label], T.F16, shape=entry["shape"]) == entry["digest"], "not llama.cpp's input"
     return paths
@@ -45,6 +46,22 @@ def test_file_equals_llamacpp(f16_files, tmp_path, label, file_type):
     assert not wrong_type, f"types (edgelm, llama.cpp): {wrong_type}"
     wrong_bytes = [n for n in want if got[n][1] != want[n][1]]
     assert not wrong_bytes, f"bytes differ from llama.cpp's: {wrong_bytes}"
+
+
+IMPORTANCE = sorted(GOLDEN["importance"])
+
+
+@pytest.mark.parametrize("case", IMPORTANCE)
+def test_rows_equal_ggml_with_and_without_importance(case):
+    """llama.cpp's two searches: the reference one, and the one weighted by an importance matrix
+    (quantize_row_X_impl; K-quants and Q4_0 ... Q5_1), on rows with degenerate cases and weights with zeros:
+    the same blocks as ggml_quantize_chunk's, row for row."""
+    name, path = case.split(".")
+    x, w = importance_case()
+    raw = kquant_writer.quantize(x, name, w if path == "imatrix" else None)
+    got = [hashlib.sha256(r.tobytes()).hexdigest()[:16] for r in raw]
+    want = GOLDEN["importance"][case]
+    assert got == want, [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
 
 
 @pytest.mark.parametrize("name", sorted(kquant_writer.BLOCK_BYTES))
@@ -113,3 +130,18 @@ def test_quantize_cli_names_the_file_types(f16_files, tmp_path):
     # a Q4_K_M file cannot become Q6_K (lower precision in): refused, nothing written
     p = run_cli("quantize", str(tmp_path / "o.gguf"), str(tmp_path / "o6.gguf"), "q6_k")
     assert p.returncode == 1 and "lower precision" in p.stderr and not (tmp_path / "o6.gguf").exists()
+
+
+def test_quantize_to_f16_is_the_dequantized_weights(tmp_path):
+    """`quantize ... f16` writes every matrix as its blocks decode (gguf-py), rounded to float16: the float
+    base of a KL comparison."""
+    src, out = tmp_path / "q4_0.gguf", tmp_path / "f16.gguf"
+    write_model(src, T.Q4_0)
+    quantize_file(str(src), str(out), "f16")
+    a = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    for t in gguf.GGUFReader(str(out)).tensors:
+        want = gguf.quants.dequantize(a[t.name].data, a[t.name].tensor_type)
+        if T(a[t.name].tensor_type) == T.Q4_0:
+            assert T(t.tensor_type) == T.F16
+            want = want.astype(np.float16)
+        assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), t.name

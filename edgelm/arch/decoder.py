@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import GGUFError
+from ..errors import GGUFError, UnsupportedError
 from ..gguf_file import GGUFFile
 from ..quant import kernels
 from ..quant.kernels import FusedLinear
@@ -66,6 +66,7 @@ class Fused:
             kinds |= p.kinds
         self.kernel = FusedLinear(parts, parts[0].n_in, kinds)
         self.biases = [p.bias for p in parts]
+        self.names = tuple(dict.fromkeys(p.name for p in parts))    # the file's tensors (fused QKV: one)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         ys = self.kernel(x)
@@ -215,6 +216,9 @@ class Decoder:
         self.eps = np.float32(cfg.norm_eps)
         ropes = self._ropes(cfg, w) if t.positions == "rope" else {}
         self.layers = [self._layer(cfg, w, f"blk.{il}.", il, ropes) for il in range(cfg.n_layer)]
+        # observer(names, x): sees the input rows x (T, n_in) of the named weight matrices of every layer
+        # (the importance matrix, evaluate/imatrix.py); None in normal use.
+        self.observer = None
 
     @staticmethod
     def _norm(w: Weights, stem: str, n: int) -> tuple:
@@ -306,8 +310,11 @@ class Decoder:
             x = self._embed(ids, pos0, ws)
             positions = np.arange(pos0, pos0 + T)
             cos_sin = {}
+            obs = self.observer
             for L, cache in zip(self.layers, session.caches):
                 h = self._apply_norm(x, L.attn_norm, ws.h[:T])
+                if obs is not None:
+                    obs(L.qkv.names, h)
                 q, k, v = self._qkv(L, h, ws, T)
                 if L.rope is not None:
                     if L.rope not in cos_sin:
@@ -318,11 +325,14 @@ class Decoder:
                 cache.store(pos0, k, v)
                 a = ws.attn[:T]
                 cache.attend(q, pos0, cfg.attn_scale, L.sinks, a)
-                o = _linear_into(L.wo, a.reshape(T, cfg.n_head * cfg.head_dim_v), ws.o[:T])
+                a2 = a.reshape(T, cfg.n_head * cfg.head_dim_v)
+                if obs is not None:
+                    obs((L.wo.name,), a2)
+                o = _linear_into(L.wo, a2, ws.o[:T])
                 if L.post_attn_norm is not None:
                     o = self._apply_norm(o, (L.post_attn_norm, None), o)
                 x += o
-                f = self._run_mlp(L, self._apply_norm(x, L.ffn_norm, ws.h[:T]), ws, T)
+                f = self._run_mlp(L, self._apply_norm(x, L.ffn_norm, ws.h[:T]), ws, T, obs)
                 if L.post_ffn_norm is not None:
                     f = self._apply_norm(f, (L.post_ffn_norm, None), f)
                 x += f
@@ -359,17 +369,28 @@ class Decoder:
             _rms_norm_rows(k.reshape(-1, cfg.head_dim), L.k_norm, self.eps, k.reshape(-1, cfg.head_dim))
         return q, k, v
 
-    def _run_mlp(self, L: Layer, h: np.ndarray, ws: "Workspace", T: int) -> np.ndarray:
+    def _run_mlp(self, L: Layer, h: np.ndarray, ws: "Workspace", T: int, obs=None) -> np.ndarray:
         mlp = L.mlp
         if isinstance(mlp, GatedMLP) and mlp.glu_name in _GLU_INTO:
+            if obs is not None:
+                obs(mlp.gate_up.names, h)
             g, u = _fused_into(mlp.gate_up, h, ws.ffn[:2 * T * mlp.n_ff])
             _GLU_INTO[mlp.glu_name](g, ws.ffn_tmp[:T])
             g *= u
+            if obs is not None:
+                obs((mlp.down.name,), g)
             return _linear_into(mlp.down, g, ws.f[:T])
         if isinstance(mlp, PlainMLP) and mlp.act_name in _GLU_INTO:
+            if obs is not None:
+                obs((mlp.up.name,), h)
             up = _linear_into(mlp.up, h, ws.ffn[:T * mlp.up.n_out].reshape(T, mlp.up.n_out))
             _GLU_INTO[mlp.act_name](up, ws.ffn_tmp[:T])
+            if obs is not None:
+                obs((mlp.down.name,), up)
             return _linear_into(mlp.down, up, ws.f[:T])
+        if obs is not None:
+            raise UnsupportedError(f"{L.wo.name.rsplit('.', 2)[0]}: collecting an importance matrix through "
+                                   "mixture-of-experts or clamped-SwiGLU layers is not supported yet")
         return mlp(h)                            # MoE, clamped SwiGLU: their own (allocating) code
 
     def _logits(self, x: np.ndarray, ws: "Workspace", all_logits: bool) -> np.ndarray:

@@ -8,6 +8,7 @@ written under a temporary name and renamed at the end, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -29,6 +30,8 @@ TARGETS = {
     "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
     "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),      # e.g. a quantized file back to floats (a KL base)
+    "f32": (Q.F32, LlamaFileType.ALL_F32),
 }
 
 
@@ -64,37 +67,50 @@ def _plan_type(key: str, info, shape: recipes.ModelShape | None):
     if not _is_matrix(info):
         return None
     if key in TARGETS:
-        return TARGETS[key][0] if info.shape[0] % 32 == 0 else None
+        qtype = TARGETS[key][0]
+        return qtype if info.shape[0] % 32 == 0 or qtype in (Q.F16, Q.F32) else None
     return recipes.tensor_type(key, info.name, info.n_in, shape)
 
 
 def quantize_file(src: str, dst: str, target: str,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+                  progress: Callable[[str, int, int], None] | None = None, imatrix: str | None = None) -> dict:
     """Write `dst`: `src` with every weight matrix in `target` (q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant file
-    type: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k). Returns counts of quantized / copied tensors."""
+    type: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k). `imatrix`: an importance matrix file (llama.cpp's
+    imatrix GGUF) whose entries weigh the K-quant searches of their tensors. Returns counts of quantized /
+    copied tensors and each tensor's type."""
     key = target.lower()
     key = recipes.ALIASES.get(key, key)
     if key not in TARGETS and key not in recipes.FILE_TYPES:
         raise EdgeLMError(f"unknown quantization type '{target}' (choose from {', '.join(target_names())})")
-    file_type = TARGETS[key][1] if key in TARGETS else recipes.FILE_TYPES[key][0]
+    file_type = (TARGETS[key] if key in TARGETS else recipes.FILE_TYPES[key])[1]
     g = GGUFFile(src)
     config = ModelConfig.from_gguf(g)          # refuses an architecture edgelm cannot run
     shape = model_shape(g, config) if key in recipes.FILE_TYPES else None
+    imat = None
+    if imatrix is not None:
+        from ..evaluate.imatrix import read as read_imatrix
+        imat = read_imatrix(imatrix)
+        if not any(name in g.tensors for name in imat.values):
+            raise EdgeLMError(f"{imatrix}: none of its {len(imat.values)} entries names a tensor of {src}: "
+                              "an importance matrix of another model?")
     plan = []
     for info in g.tensors.values():
         qtype = _plan_type(key, info, shape)
-        if qtype is not None and qtype != info.ggml_type and bits_per_weight(info.ggml_type) < bits_per_weight(qtype):
+        lossy = qtype is not None and qtype not in (Q.F16, Q.F32)      # to floats: the decoded weights themselves
+        if lossy and qtype != info.ggml_type and bits_per_weight(info.ggml_type) < bits_per_weight(qtype):
             raise UnsupportedError(
                 f"{src}: tensor {info.name} is {format_for(info.ggml_type).name} "
                 f"({bits_per_weight(info.ggml_type):.2f} bits/weight), lower precision than {Q(qtype).name} "
                 f"({bits_per_weight(qtype):.2f}): quantize from an F32/F16/BF16 or higher-precision file")
         plan.append((info, qtype if qtype != info.ggml_type else None))
+        if imat is not None:
+            imat.for_tensor(info.name, info.n_in)        # checked before anything is written
     with atomic_output(dst, inputs=[src]) as tmp:
         w = GGUFWriter(tmp, arch=g.architecture)
         for k, v in g.metadata.items():
             if k in ("general.architecture", "general.alignment") or k.startswith("GGUF."):
                 continue
-            if k == "general.file_type":
+            if k == "general.file_type" or (imat is not None and k.startswith("quantize.imatrix.")):
                 continue
             vtype, item = g.value_types[k]
             w.add_key_value(k, v.tolist() if isinstance(v, np.ndarray) else v, GGUFValueType(vtype),
@@ -102,6 +118,13 @@ def quantize_file(src: str, dst: str, target: str,
         w.add_uint32("general.file_type", int(file_type))
         if "general.alignment" in g.metadata:
             w.add_uint32("general.alignment", int(g.metadata["general.alignment"]))
+        if imat is not None:      # llama.cpp's quantize.imatrix.* keys (tools/quantize/quantize.cpp)
+            w.add_string("quantize.imatrix.file", os.path.basename(imatrix))
+            if imat.dataset:
+                w.add_string("quantize.imatrix.dataset", imat.dataset)
+            w.add_int32("quantize.imatrix.entries_count", len(imat.values))
+            if imat.n_chunk is not None:
+                w.add_int32("quantize.imatrix.chunks_count", int(imat.n_chunk))
         for info, qtype in plan:
             t = qtype if qtype is not None else info.ggml_type
             fmt = format_for(t)
@@ -114,7 +137,8 @@ def quantize_file(src: str, dst: str, target: str,
         for i, (info, qtype) in enumerate(plan):
             raw = g.tensor(info.name)
             if qtype is not None:
-                data = encode(dequantize(raw, info.ggml_type, info.n_in), qtype)
+                weights = imat.for_tensor(info.name, info.n_in) if imat is not None else None
+                data = encode(dequantize(raw, info.ggml_type, info.n_in), qtype, weights)
             else:
                 data = np.ascontiguousarray(raw)
             w.write_tensor_data(data)

@@ -1,6 +1,7 @@
-"""K-quant writers: Q2_K ... Q6_K blocks from float32 rows, byte for byte as llama.cpp's reference quantizers
-write them (ggml/src/ggml-quants.c: quantize_row_q2_K_ref ... quantize_row_q6_K_ref, and their searches
-make_qkx2_quants, make_q3_quants and make_qx_quants).
+"""K-quant writers: Q2_K ... Q6_K blocks from float32 rows, byte for byte as llama.cpp's quantizers write them,
+without and with an importance matrix (ggml/src/ggml-quants.c: quantize_row_q2_K_ref ... q6_K_ref and
+quantize_row_q2_K_impl ... q6_K_impl, and their searches make_qkx2_quants, make_qkx3_quants, make_q3_quants,
+make_qx_quants, make_qp_quants); and the importance-weighted legacy types (Q4_0 ... Q5_1).
 
 Byte equality needs llama.cpp's arithmetic exactly: every quantity is float32, every sum runs in index order
 (no pairwise sums, no fused multiply-add), integers are converted to float32 before they meet a float, and
@@ -121,17 +122,23 @@ def _qkx2(x, w, L, Laux, nmax, rmin, rdelta, nstep, mad):
 
 
 @nb.njit(cache=True)
+def _largest(x):
+    """The value of largest magnitude (the first of equals)."""
+    mx = _F(0)
+    amax = _F(0)
+    for i in range(x.shape[0]):
+        if abs(x[i]) > amax:
+            amax = abs(x[i])
+            mx = x[i]
+    return mx
+
+
+@nb.njit(cache=True)
 def _qx(x, w, L, nmax):
     """make_qx_quants (rmse_type 1): signed codes, stored + nmax in L; returns the scale (x ~ scale * (L - nmax))."""
     n = x.shape[0]
-    mx = _F(0)
-    amax = _F(0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < _EPS:
+    mx = _largest(x)
+    if abs(mx) < _EPS:
         for i in range(n):
             L[i] = 0
         return _F(0)
@@ -165,18 +172,89 @@ def _qx(x, w, L, nmax):
 
 
 @nb.njit(cache=True)
+def _qp(x, L, nmax, w):
+    """make_qp_quants: non-negative values (the sub-block scales or mins) as codes 0..nmax under weights w;
+    returns the least-squares scale (importance-matrix path)."""
+    n = x.shape[0]
+    mx = _F(0)
+    for i in range(n):
+        mx = max(mx, x[i])
+    if mx < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F(0)
+    fn = _F(nmax)
+    iscale = fn / mx
+    scale = _F(1) / iscale
+    best = _F(0)
+    for i in range(n):
+        diff = x[i] - scale * _F(_nearest(iscale * x[i]))
+        best += w[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_s = (_F(0.1) * _F(step) + fn) / mx
+        scale_s = _F(1) / iscale_s
+        mse = _F(0)
+        for i in range(n):
+            diff = x[i] - scale_s * _F(min(nmax, _nearest(iscale_s * x[i])))
+            mse += w[i] * diff * diff
+        if mse < best:
+            best = mse
+            iscale = iscale_s
+    sumlx = _F(0)
+    suml2 = _F(0)
+    for i in range(n):
+        l = min(nmax, _nearest(iscale * x[i]))
+        L[i] = l
+        sumlx += w[i] * x[i] * _F(l)
+        suml2 += w[i] * _F(l) * _F(l)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            slx = sumlx - w[i] * x[i] * _F(L[i])
+            sl2 = suml2 - w[i] * _F(L[i]) * _F(L[i])
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, _nearest(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx += w[i] * x[i] * _F(new_l)
+                    sl2 += w[i] * _F(new_l) * _F(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else _F(0)
+
+
+@nb.njit(cache=True)
+def _sigma2(x, factor):
+    """factor * (sum of x^2) / 256, summed in order (the imatrix path's per-block variance term)."""
+    sum_x2 = _F(0)
+    for i in range(x.shape[0]):
+        sum_x2 += x[i] * x[i]
+    return _F(factor) * sum_x2 / _F(QK)
+
+
+@nb.njit(cache=True)
+def _importance(x, qw, sigma2, w):
+    """w = qw * sqrt(sigma2 + x^2), and their sum (the weights of one sub-block)."""
+    total = _F(0)
+    for l in range(x.shape[0]):
+        w[l] = qw[l] * np.sqrt(sigma2 + x[l] * x[l])
+        total += w[l]
+    return total
+
+
+@nb.njit(cache=True)
 def _q3(x, L, nmax):
     """make_q3_quants (do_rmse): signed codes refined in place for 5 passes at most, stored + nmax in L;
     returns the scale."""
     n = x.shape[0]
-    mx = _F(0)
-    amax = _F(0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < _EPS:
+    mx = _largest(x)
+    if abs(mx) < _EPS:
         for i in range(n):
             L[i] = 0
         return _F(0)
@@ -222,34 +300,46 @@ def _pack_crumbs(L, out, off):
 
 
 @nb.njit(cache=True)
-def _block_q2_k(x, out, w, L, Laux, scales, mins, scratch):
-    """One Q2_K block (84 bytes: scales[16], qs[64] at 16, f16 d at 80, dmin at 82)."""
+def _block_q2_k(x, qw, out, w, L, Laux, scales, mins, sw, Ls, Lm, scratch):
+    """One Q2_K block (84 bytes: scales[16], qs[64] at 16, f16 d at 80, dmin at 82); qw: the block's
+    importance weights (256), or empty for llama.cpp's reference path."""
     max_scale = _F(0)
     max_min = _F(0)
+    sigma2 = _sigma2(x, 1.0) if qw.shape[0] else _F(0)
     for j in range(16):
         xs = x[16 * j:16 * j + 16]
-        for l in range(16):
-            w[l] = abs(xs[l])
-        scales[j], mins[j] = _qkx2(xs, w[:16], L[16 * j:16 * j + 16], Laux, 3, _F(-0.5), _F(0.1), 15, True)
+        if qw.shape[0]:
+            sw[j] = _importance(xs, qw[16 * j:16 * j + 16], sigma2, w)
+            scales[j], mins[j] = _qkx2(xs, w[:16], L[16 * j:16 * j + 16], Laux, 3, _F(-0.9), _F(0.05), 36, False)
+        else:
+            for l in range(16):
+                w[l] = abs(xs[l])
+            scales[j], mins[j] = _qkx2(xs, w[:16], L[16 * j:16 * j + 16], Laux, 3, _F(-0.5), _F(0.1), 15, True)
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
             max_min = mins[j]
     hd = 0
     hm = 0
-    if max_scale > 0:
-        iscale = _F(15) / max_scale
+    if qw.shape[0]:
+        hd = _f16_bits(_qp(scales[:16], Ls, 15, sw), scratch)
+        hm = _f16_bits(_qp(mins, Lm, 15, sw), scratch)
         for j in range(16):
-            out[j] = _nearest(iscale * scales[j]) & 0xFF            # no clamp, as llama.cpp
-        hd = _f16_bits(max_scale / _F(15), scratch)
+            out[j] = (Ls[j] | (Lm[j] << 4)) & 0xFF
     else:
-        for j in range(16):
-            out[j] = 0
-    if max_min > 0:
-        iscale = _F(15) / max_min
-        for j in range(16):
-            out[j] |= (_nearest(iscale * mins[j]) << 4) & 0xFF
-        hm = _f16_bits(max_min / _F(15), scratch)
+        if max_scale > 0:
+            iscale = _F(15) / max_scale
+            for j in range(16):
+                out[j] = _nearest(iscale * scales[j]) & 0xFF            # no clamp, as llama.cpp
+            hd = _f16_bits(max_scale / _F(15), scratch)
+        else:
+            for j in range(16):
+                out[j] = 0
+        if max_min > 0:
+            iscale = _F(15) / max_min
+            for j in range(16):
+                out[j] |= (_nearest(iscale * mins[j]) << 4) & 0xFF
+            hm = _f16_bits(max_min / _F(15), scratch)
     _put_f16(out, 80, hd)
     _put_f16(out, 82, hm)
     d_all = _f16_value(hd, scratch)
@@ -266,30 +356,47 @@ def _block_q2_k(x, out, w, L, Laux, scales, mins, scratch):
 
 
 @nb.njit(cache=True)
-def _block_q3_k(x, out, L, scales, scratch):
+def _put_q3_scale(out, j, l):
+    """6-bit scale code l (0..63) of sub-block j into the 12 bytes at 96: low nibbles in bytes 0..7 (j >= 8
+    in the high halves), the top 2 bits in bytes 8..11."""
+    if j < 8:
+        out[96 + j] = l & 0xF
+    else:
+        out[96 + j - 8] |= (l & 0xF) << 4
+    out[104 + j % 4] |= (l >> 4) << (2 * (j // 4))
+
+
+@nb.njit(cache=True)
+def _block_q3_k(x, qw, out, w, L, scales, sw, Ls, scratch):
     """One Q3_K block (110 bytes: hmask[32], qs[64] at 32, 6-bit scales[12] at 96, f16 d at 108)."""
-    max_scale = _F(0)
-    amax = _F(0)
-    for j in range(16):
-        scales[j] = _q3(x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 4)
-        a = abs(scales[j])
-        if a > amax:
-            amax = a
-            max_scale = scales[j]
     for k in range(12):
         out[96 + k] = 0
     hd = 0
-    if max_scale != 0:
-        iscale = _F(-32) / max_scale
+    if qw.shape[0]:
+        sigma2 = _sigma2(x, 2.0)
         for j in range(16):
-            l = ((_nearest(iscale * scales[j]) + 128) & 0xFF) - 128     # int8 store, then the clamp
-            l = max(-32, min(31, l)) + 32
-            if j < 8:
-                out[96 + j] = l & 0xF
-            else:
-                out[96 + j - 8] |= (l & 0xF) << 4
-            out[96 + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
-        hd = _f16_bits(_F(1) / iscale, scratch)
+            xs = x[16 * j:16 * j + 16]
+            sw[j] = _importance(xs, qw[16 * j:16 * j + 16], sigma2, w)
+            scales[j] = _qx(xs, w[:16], L[16 * j:16 * j + 16], 4)
+        d_block = _qx(scales, sw, Ls, 32)               # the scales' own 6-bit codes (0..63)
+        for j in range(16):
+            _put_q3_scale(out, j, Ls[j])
+        hd = _f16_bits(d_block, scratch)
+    else:
+        max_scale = _F(0)
+        amax = _F(0)
+        for j in range(16):
+            scales[j] = _q3(x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 4)
+            a = abs(scales[j])
+            if a > amax:
+                amax = a
+                max_scale = scales[j]
+        if max_scale != 0:
+            iscale = _F(-32) / max_scale
+            for j in range(16):
+                l = ((_nearest(iscale * scales[j]) + 128) & 0xFF) - 128     # int8 store, then the clamp
+                _put_q3_scale(out, j, max(-32, min(31, l)) + 32)
+            hd = _f16_bits(_F(1) / iscale, scratch)
     _put_f16(out, 108, hd)
     d_all = _f16_value(hd, scratch)
     for j in range(16):
@@ -316,35 +423,49 @@ def _put_f16(out, off, h):
 
 
 @nb.njit(cache=True)
-def _block_q45_k(x, out, nmax, rmin, nstep, w, L, Laux, scales, mins, ls, lm, scratch):
+def _block_q45_k(x, qw, out, nmax, rmin, nstep, w, L, Laux, scales, mins, sw, ls, lm, scratch):
     """One Q4_K (nmax 15) or Q5_K (nmax 31) block of 256 into out (144 / 176 bytes)."""
-    max_scale = _F(0)
-    max_min = _F(0)
-    for j in range(8):
-        xs = x[32 * j:32 * j + 32]
-        sum_x2 = _F(0)
-        for l in range(32):
-            sum_x2 += xs[l] * xs[l]
-        av_x = np.sqrt(sum_x2 / _F(32))
-        for l in range(32):
-            w[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = _qkx2(xs, w, L[32 * j:32 * j + 32], Laux, nmax, rmin, _F(0.1), nstep, False)
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = _F(63) / max_scale if max_scale > 0 else _F(0)
-    inv_min = _F(63) / max_min if max_min > 0 else _F(0)
-    for j in range(8):
-        ls[j] = min(63, _nearest(inv_scale * scales[j]) & 0xFF)     # uint8 store, then the clamp
-        lm[j] = min(63, _nearest(inv_min * mins[j]) & 0xFF)
+    if qw.shape[0]:
+        sigma2 = _sigma2(x, 2.0)
+        for j in range(8):
+            xs = x[32 * j:32 * j + 32]
+            sw[j] = _importance(xs, qw[32 * j:32 * j + 32], sigma2, w)
+            scales[j], mins[j] = _qkx2(xs, w, L[32 * j:32 * j + 32], Laux, nmax, _F(-0.9), _F(0.05), 36, False)
+        d_block = _qp(scales[:8], ls, 63, sw[:8])
+        m_block = _qp(mins, lm, 63, sw[:8])
+        for j in range(8):             # uint8 codes; Q5_K also clamps them to 63 (Q4_K: as they are)
+            ls[j] = ls[j] & 0xFF if nmax == 15 else min(63, ls[j] & 0xFF)
+            lm[j] = lm[j] & 0xFF if nmax == 15 else min(63, lm[j] & 0xFF)
+    else:
+        max_scale = _F(0)
+        max_min = _F(0)
+        for j in range(8):
+            xs = x[32 * j:32 * j + 32]
+            sum_x2 = _F(0)
+            for l in range(32):
+                sum_x2 += xs[l] * xs[l]
+            av_x = np.sqrt(sum_x2 / _F(32))
+            for l in range(32):
+                w[l] = av_x + abs(xs[l])
+            scales[j], mins[j] = _qkx2(xs, w, L[32 * j:32 * j + 32], Laux, nmax, rmin, _F(0.1), nstep, False)
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
+        inv_scale = _F(63) / max_scale if max_scale > 0 else _F(0)
+        inv_min = _F(63) / max_min if max_min > 0 else _F(0)
+        for j in range(8):
+            ls[j] = min(63, _nearest(inv_scale * scales[j]) & 0xFF)     # uint8 store, then the clamp
+            lm[j] = min(63, _nearest(inv_min * mins[j]) & 0xFF)
+        d_block = max_scale / _F(63)
+        m_block = max_min / _F(63)
     # 12 bytes of 6-bit scales and mins (ggml-quants.c quantize_row_q4_K_ref; read by get_scale_min_k4)
     for j in range(4):
         out[4 + j] = ls[j] | ((ls[j + 4] >> 4) << 6)
         out[8 + j] = lm[j] | ((lm[j + 4] >> 4) << 6)
         out[12 + j] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4)
-    hd = _f16_bits(max_scale / _F(63), scratch)
-    hm = _f16_bits(max_min / _F(63), scratch)
+    hd = _f16_bits(d_block, scratch)
+    hm = _f16_bits(m_block, scratch)
     _put_f16(out, 0, hd)
     _put_f16(out, 2, hm)
     d_all = _f16_value(hd, scratch)
@@ -377,14 +498,14 @@ def _block_q45_k(x, out, nmax, rmin, nstep, w, L, Laux, scales, mins, ls, lm, sc
 
 
 @nb.njit(cache=True)
-def _block_q6_k(x, out, w, L, scales, scratch):
-    """One Q6_K block of 256 into out (210 bytes)."""
+def _block_q6_k(x, qw, out, w, L, scales, scratch):
+    """One Q6_K block of 256 into out (210 bytes); with importance weights they weight the fit directly."""
     max_scale = _F(0)
     max_abs = _F(0)
     for ib in range(16):
         xs = x[16 * ib:16 * ib + 16]
         for i in range(16):
-            w[i] = xs[i] * xs[i]
+            w[i] = qw[16 * ib + i] if qw.shape[0] else xs[i] * xs[i]
         s = _qx(xs, w[:16], L[16 * ib:16 * ib + 16], 32)
         scales[ib] = s
         if abs(s) > max_abs:
@@ -415,8 +536,9 @@ def _block_q6_k(x, out, w, L, scales, scratch):
 
 
 @nb.njit(cache=True, parallel=True)
-def _quantize_rows(x, out, kind):
-    """x (n_rows, n_in) float32 -> out (n_rows, n_in / 256 * block bytes) uint8; kind 2 .. 6 (QkindK)."""
+def _quantize_rows(x, qw, out, kind):
+    """x (n_rows, n_in) float32 -> out (n_rows, n_in / 256 * block bytes) uint8; kind 2 .. 6 (QkindK);
+    qw: importance weights per input column (n_in,), or empty for llama.cpp's reference path."""
     n_rows, n_in = x.shape
     nb_ = n_in // QK
     size = out.shape[1] // nb_
@@ -426,34 +548,94 @@ def _quantize_rows(x, out, kind):
         L = np.zeros(QK, np.int64)
         Laux = np.empty(32, np.int64)
         scales = np.empty(16, np.float32)
-        mins = np.empty(8, np.float32)
-        mins16 = np.empty(16, np.float32)
-        ls = np.empty(8, np.int64)
-        lm = np.empty(8, np.int64)
+        mins = np.empty(16, np.float32)
+        sw = np.empty(16, np.float32)
+        ls = np.zeros(16, np.int64)
+        lm = np.zeros(16, np.int64)
         scratch = np.empty(1, np.float32)
         for r in range(t * _ROWS_PER_TASK, min(n_rows, (t + 1) * _ROWS_PER_TASK)):
             for b in range(nb_):
                 xb = x[r, QK * b:QK * (b + 1)]
+                qb = qw[QK * b:QK * (b + 1)] if qw.shape[0] else qw
                 ob = out[r, size * b:size * (b + 1)]
                 if kind == 6:
-                    _block_q6_k(xb, ob, w, L, scales, scratch)
+                    _block_q6_k(xb, qb, ob, w, L, scales, scratch)
                 elif kind == 2:
-                    _block_q2_k(xb, ob, w, L, Laux, scales, mins16, scratch)
+                    _block_q2_k(xb, qb, ob, w, L, Laux, scales, mins, sw, ls, lm, scratch)
                 elif kind == 3:
-                    _block_q3_k(xb, ob, L, scales, scratch)
+                    _block_q3_k(xb, qb, ob, w, L, scales, sw, ls, scratch)
                 elif kind == 5:
-                    _block_q45_k(xb, ob, 31, _F(-0.5), 15, w, L, Laux, scales, mins, ls, lm, scratch)
+                    _block_q45_k(xb, qb, ob, 31, _F(-0.5), 15, w, L, Laux, scales, mins[:8], sw, ls, lm, scratch)
                 else:
-                    _block_q45_k(xb, ob, 15, _F(-1.0), 20, w, L, Laux, scales, mins, ls, lm, scratch)
+                    _block_q45_k(xb, qb, ob, 15, _F(-1.0), 20, w, L, Laux, scales, mins[:8], sw, ls, lm, scratch)
 
 
-def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
-    """float rows (..., n_in) -> uint8 (..., n_in / 256 * block bytes) of `type_name` (Q2_K ... Q6_K)."""
+# Legacy types with importance weights (ggml-quants.c quantize_row_q4_0_impl ... q5_1_impl): a block of 32,
+# the search of make_qx_quants (Q4_0, Q5_0) or make_qkx3_quants (Q4_1, Q5_1), no second pass.  Without
+# weights these types come from gguf-py's reference quantizer (writers.py).
+LEGACY_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}   # ggml-common.h block_q4_0 ... q5_1
+
+
+@nb.njit(cache=True, parallel=True)
+def _legacy_rows(x, qw, out, bits, with_min):
+    n_rows, n_in = x.shape
+    nb_ = n_in // 32
+    size = out.shape[1] // nb_
+    nmax = (1 << bits) - 1
+    for r in nb.prange(n_rows):
+        w = np.empty(32, np.float32)
+        L = np.zeros(32, np.int64)
+        Laux = np.empty(32, np.int64)
+        scratch = np.empty(1, np.float32)
+        row = x[r]
+        sum_x2 = _F(0)
+        for j in range(n_in):
+            sum_x2 += row[j] * row[j]
+        sigma2 = sum_x2 / _F(n_in)                 # over the whole row (the K-quants: per block)
+        for b in range(nb_):
+            xb = row[32 * b:32 * b + 32]
+            o = out[r, size * b:size * (b + 1)]
+            _importance(xb, qw[32 * b:32 * b + 32], sigma2, w)
+            if with_min:
+                d, the_min = _qkx2(xb, w, L, Laux, nmax, _F(-0.9), _F(0.05), 36, False)
+                _put_f16(o, 0, _f16_bits(d, scratch))
+                _put_f16(o, 2, _f16_bits(-the_min, scratch))
+                at = 4
+            else:
+                d = _qx(xb, w, L, (nmax + 1) // 2)
+                _put_f16(o, 0, _f16_bits(d, scratch))
+                at = 2
+            if bits == 5:                          # qh: bit j is element j's fifth bit
+                qh = 0
+                for j in range(32):
+                    qh |= ((L[j] >> 4) & 1) << j
+                for k in range(4):
+                    o[at + k] = (qh >> (8 * k)) & 0xFF
+                at += 4
+            for j in range(16):
+                o[at + j] = (L[j] & 0xF) | ((L[j + 16] & 0xF) << 4)
+
+
+def quantize(x: np.ndarray, type_name: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """float rows (..., n_in) -> uint8 (..., bytes per row) of `type_name`: Q2_K ... Q6_K, or with importance
+    weights also Q4_0, Q4_1, Q5_0, Q5_1. importance: one non-negative weight per input column (an importance
+    matrix's mean squared activations), for llama.cpp's weighted searches (quantize_row_X_impl); None: its
+    reference path."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_in = x.shape[-1]
-    if n_in % QK:
-        raise ValueError(f"{type_name} needs rows of a multiple of {QK} values, not {n_in}")
+    block = 32 if type_name in LEGACY_BYTES else QK
+    if n_in % block:
+        raise ValueError(f"{type_name} needs rows of a multiple of {block} values, not {n_in}")
+    if type_name in LEGACY_BYTES and importance is None:
+        raise ValueError(f"{type_name} is written here only with importance weights (else: gguf.quants)")
+    qw = np.zeros(0, np.float32) if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    if importance is not None and qw.shape != (n_in,):
+        raise ValueError(f"importance weights: expected {n_in} values, got shape {qw.shape}")
     rows = x.reshape(-1, n_in)
-    out = np.empty((rows.shape[0], n_in // QK * BLOCK_BYTES[type_name]), np.uint8)
-    _quantize_rows(rows, out, int(type_name[1]))
+    size = LEGACY_BYTES.get(type_name) or BLOCK_BYTES[type_name]
+    out = np.empty((rows.shape[0], n_in // block * size), np.uint8)
+    if type_name in LEGACY_BYTES:
+        _legacy_rows(rows, qw, out, int(type_name[1]), type_name.endswith("_1"))
+    else:
+        _quantize_rows(rows, qw, out, int(type_name[1]))
     return out.reshape(x.shape[:-1] + (out.shape[1],))

@@ -16,17 +16,17 @@ from gguf import LlamaFileType as FT
 
 from ..errors import UnsupportedError
 
-# file type name -> (general.file_type, default type)   (llama_ftype_get_default_type)
+# file type name -> (default type, general.file_type)   (llama_ftype_get_default_type)
 FILE_TYPES = {
-    "q2_k": (FT.MOSTLY_Q2_K, Q.Q2_K),
-    "q3_k_s": (FT.MOSTLY_Q3_K_S, Q.Q3_K),
-    "q3_k_m": (FT.MOSTLY_Q3_K_M, Q.Q3_K),
-    "q3_k_l": (FT.MOSTLY_Q3_K_L, Q.Q3_K),
-    "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K),
-    "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
-    "q5_k_s": (FT.MOSTLY_Q5_K_S, Q.Q5_K),
-    "q5_k_m": (FT.MOSTLY_Q5_K_M, Q.Q5_K),
-    "q6_k": (FT.MOSTLY_Q6_K, Q.Q6_K),
+    "q2_k": (Q.Q2_K, FT.MOSTLY_Q2_K),
+    "q3_k_s": (Q.Q3_K, FT.MOSTLY_Q3_K_S),
+    "q3_k_m": (Q.Q3_K, FT.MOSTLY_Q3_K_M),
+    "q3_k_l": (Q.Q3_K, FT.MOSTLY_Q3_K_L),
+    "q4_k_s": (Q.Q4_K, FT.MOSTLY_Q4_K_S),
+    "q4_k_m": (Q.Q4_K, FT.MOSTLY_Q4_K_M),
+    "q5_k_s": (Q.Q5_K, FT.MOSTLY_Q5_K_S),
+    "q5_k_m": (Q.Q5_K, FT.MOSTLY_Q5_K_M),
+    "q6_k": (Q.Q6_K, FT.MOSTLY_Q6_K),
 }
 ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}     # llama-quantize's
 
@@ -85,7 +85,7 @@ def tensor_type(file_type: str, name: str, n_in: int, shape: ModelShape) -> Q:
     if shape.n_expert > 1:
         raise UnsupportedError(f"{file_type.upper()} for a mixture-of-experts model is not supported yet "
                                "(llama.cpp's expert rules are not implemented)")
-    default = FILE_TYPES[file_type][1]
+    default = FILE_TYPES[file_type][0]
     m = _LAYER.match(name)
     layer = int(m.group(1)) if m else -1
     if name == "output.weight" or (name == "token_embd.weight" and shape.tied_output):

@@ -15,11 +15,13 @@ from . import kquant_writer
 _FLOATS = {Q.F32: np.float32, Q.F16: np.float16}
 
 
-def encode(x: np.ndarray, qtype: Q) -> np.ndarray:
-    """`x` (..., n_in) floats in `qtype`: float arrays for F32/F16, else uint8 (..., bytes per row)."""
+def encode(x: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
+    """`x` (..., n_in) floats in `qtype`: float arrays for F32/F16, else uint8 (..., bytes per row).
+    importance (n_in,): an importance matrix's weights for llama.cpp's weighted searches (K-quants, Q4_0 ...
+    Q5_1; Q8_0 has none, as in llama.cpp)."""
     qtype = Q(qtype)
     if qtype in _FLOATS:
         return np.ascontiguousarray(x, dtype=_FLOATS[qtype])
-    if qtype.name in kquant_writer.BLOCK_BYTES:
-        return kquant_writer.quantize(x, qtype.name)
+    if qtype.name in kquant_writer.BLOCK_BYTES or (importance is not None and qtype.name in kquant_writer.LEGACY_BYTES):
+        return kquant_writer.quantize(x, qtype.name, importance)
     return reference_quantize(np.asarray(x, np.float32), qtype)

@@ -32,11 +32,11 @@ OUTTYPES = {
     "f32": (Q.F32, LlamaFileType.ALL_F32),
     "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
-    **QUANT_TARGETS,
+    **{k: v for k, v in QUANT_TARGETS.items() if k not in ("f32", "f16")},
     # llama-quantize's MXFP4_MOE: expert matrices in MXFP4 (how gpt-oss ships), everything else Q8_0
     "mxfp4_moe": (Q.Q8_0, LlamaFileType.MOSTLY_MXFP4_MOE),
     # llama.cpp's K-quant file types: a type per tensor (quant/recipes.py, the table `quantize` uses)
-    **{name: (default, ftype) for name, (ftype, default) in recipes.FILE_TYPES.items()},
+    **recipes.FILE_TYPES,
 }
 _F32_VT = GGUFValueType.FLOAT32
 _QUANT_VERSION = 2   # ggml GGML_QNT_VERSION, written by llama.cpp for quantized files
