@@ -6,7 +6,8 @@ each file type with edgelm and with llama.cpp (llama-cpp-python's llama_model_qu
 result against the F16 base with `edgelm perplexity --kl-divergence` (the same evaluator for both).
 With --imatrix the text is split in halves: the second half is calibration text for `edgelm imatrix` on the
 F16 model, the first half is scored, and each file type is also quantized by edgelm with that imatrix
-(llama-cpp-python cannot pass an imatrix to llama.cpp's quantizer).
+(llama-cpp-python cannot pass an imatrix to llama.cpp's quantizer). Each file edgelm writes is also run in
+llama.cpp: its greedy 32-token continuation of PROMPT there and in edgelm (the interop check of issue 13).
 
     ~/.cache/edgelm-reference/venv/bin/python tools/kquant_quality.py MODEL.gguf TEXT [--ftypes q4_k_m,q3_k_m]
         [-c 512] [--chunks 10] [--imatrix]
@@ -31,6 +32,19 @@ def edgelm(*args) -> str:
     if p.returncode:
         raise SystemExit(f"edgelm {' '.join(args)}: {p.stderr.strip()[-800:]}")
     return p.stdout
+
+
+PROMPT = "The history of the city begins"
+
+
+def greedy_pair(path: str) -> tuple[str, str]:
+    """32 greedy tokens after PROMPT: (llama.cpp's text, edgelm's text)."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=256, verbose=False)
+    theirs = llm.create_completion(PROMPT, max_tokens=32, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+    llm.close()
+    ours = edgelm("generate", "-m", path, "-n", "32", "--temp", "0", "--repeat-penalty", "1", PROMPT)
+    return theirs, ours.rstrip("\n")
 
 
 def main(argv=None) -> int:
@@ -68,15 +82,21 @@ def main(argv=None) -> int:
                     llamacpp_quantize(f16, out, ft)
                 s = json.loads(edgelm("perplexity", "-m", out, "--kl-divergence-base", base, "--kl-divergence",
                                       "-o", "json"))
+                same = None
+                if who.startswith("edgelm"):
+                    theirs, ours = greedy_pair(out)
+                    same = theirs == ours
+                s["greedy_same"] = same
                 rows.append((ft, who, os.path.getsize(out), s))
                 print(f"{ft:7s} {who:16s} mean KL {s['kld_mean']:.6f} ± {s['kld_error']:.6f}  same top "
                       f"{100 * s['same_top']:.2f} %  PPL {s['ppl']:.4f} (F16 {s['ppl_base']:.4f})", flush=True)
                 os.remove(out)
-    print("| file type | quantizer | MiB | mean KL vs F16 | same top p | PPL (F16) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| file type | quantizer | MiB | mean KL vs F16 | same top p | PPL (F16) | greedy 32 in llama.cpp = edgelm |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for ft, who, size, s in rows:
         print(f"| {ft.upper()} | {who} | {size / 2**20:.1f} | {s['kld_mean']:.6f} ± {s['kld_error']:.6f} | "
-              f"{100 * s['same_top']:.2f} % | {s['ppl']:.4f} ({s['ppl_base']:.4f}) |")
+              f"{100 * s['same_top']:.2f} % | {s['ppl']:.4f} ({s['ppl_base']:.4f}) | "
+              f"{'-' if s['greedy_same'] is None else 'yes' if s['greedy_same'] else 'no'} |")
     return 0
 
 
