@@ -6,6 +6,7 @@ import os
 import click
 
 from ..atomic import atomic_output
+from ..errors import EdgeLMError
 from ..evaluate import imatrix
 from ..evaluate.perplexity import n_chunks
 from .perplexity import _Progress, read_text
@@ -13,12 +14,11 @@ from .perplexity import _Progress, read_text
 
 def run_imatrix(load, text_path: str, out: str, n_ctx: int, chunks: int | None) -> None:
     if os.path.isdir(out):
-        raise click.UsageError(f"{out}: is a folder; -o names the file to write")
+        raise EdgeLMError(f"{out}: is a folder; -o names the file to write")
     text = read_text(text_path)
     model = load(n_ctx)
     tokens = model.tokenize(text, add_special=True)
-    n_chunk = n_chunks(len(tokens), n_ctx, chunks, source=text_path) if len(tokens) >= 2 * n_ctx else \
-        _one_chunk(len(tokens), n_ctx, text_path)
+    n_chunk = n_chunks(len(tokens), n_ctx, chunks, source=text_path, need=1)     # llama-imatrix: one chunk
     click.echo(f"imatrix: {len(tokens)} tokens, {n_chunk} chunks of {n_ctx}", err=True)
     progress = _Progress(n_chunk, "imatrix")
     c = imatrix.collect(model, tokens, n_ctx, n_chunk, on_chunk=progress.step)
@@ -27,11 +27,3 @@ def run_imatrix(load, text_path: str, out: str, n_ctx: int, chunks: int | None) 
         imatrix.write(tmp, c, os.path.basename(text_path), n_chunk, n_ctx)
     click.echo(f"{out}: {len(c.sums)} matrices, {n_chunk} chunks of {n_ctx} tokens", err=True)
 
-
-def _one_chunk(n_tokens: int, n_ctx: int, source: str) -> int:
-    """llama-imatrix needs one whole chunk (perplexity needs two)."""
-    from ..errors import EdgeLMError
-    if n_tokens < n_ctx:
-        raise EdgeLMError(f"{source} tokenizes to {n_tokens} tokens; a chunk of {n_ctx} needs at least "
-                          f"{n_ctx}: give more text or a smaller -c")
-    return 1

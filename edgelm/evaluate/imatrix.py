@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from ..errors import EdgeLMError, UnsupportedError
+from .perplexity import chunk_ids
 
 
 class Collector:
@@ -50,12 +51,8 @@ def collect(model, tokens, n_ctx: int, n_chunk: int, on_chunk=None) -> Collector
     decoder.observer = c
     try:
         for i in range(n_chunk):
-            ids = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], np.int64)
-            tok = model.tokenizer
-            if tok.add_bos and tok.bos_id is not None:
-                ids[0] = tok.bos_id
             model.session.clear()                  # every chunk from an empty cache, all its tokens seen
-            model.session.prefill(ids.tolist())
+            model.session.prefill(chunk_ids(model, tokens, i, n_ctx).tolist())
             if on_chunk is not None:
                 on_chunk(i)
     finally:

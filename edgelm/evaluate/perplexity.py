@@ -25,24 +25,31 @@ from .logits_file import LOG_PROB_FLOOR, BaseLogits, LogitsWriter
 _ROWS = 32      # log-softmax rows at a time (float64 rows of a 262k vocabulary are 2 MiB each)
 
 
-def n_chunks(n_tokens: int, n_ctx: int, limit: int | None = None, source: str = "the text") -> int:
+def n_chunks(n_tokens: int, n_ctx: int, limit: int | None = None, source: str = "the text", need: int = 2) -> int:
+    """How many chunks of n_ctx tokens to use: all whole ones (at most `limit`); at least `need` must fit
+    (llama-perplexity: two; llama-imatrix: one)."""
     if n_ctx < 4:
-        raise EdgeLMError(f"a perplexity context of {n_ctx} tokens is too small (at least 4)")
-    if n_tokens < 2 * n_ctx:
+        raise EdgeLMError(f"a context of {n_ctx} tokens is too small (at least 4)")
+    if n_tokens < need * n_ctx:
         raise EdgeLMError(f"{source} tokenizes to {n_tokens} tokens; a context of {n_ctx} needs at least "
-                          f"{2 * n_ctx} (two chunks): give more text or a smaller -c")
+                          f"{need * n_ctx} ({need} chunk{'s' if need > 1 else ''}): give more text or a smaller -c")
     n = n_tokens // n_ctx
     return n if limit is None or limit <= 0 else min(n, limit)
 
 
-def chunk_logits(model, tokens: np.ndarray, i: int, n_ctx: int) -> np.ndarray:
-    """Chunk i evaluated from an empty cache (BOS first where the model adds one): the logits of the scored
-    positions n_ctx/2 .. n_ctx-2, (n_ctx - 1 - n_ctx/2, n_vocab) float32."""
+def chunk_ids(model, tokens, i: int, n_ctx: int) -> np.ndarray:
+    """Chunk i of `tokens` as evaluated: BOS in place of its first token where the model adds one."""
     ids = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], np.int64)
     tok = model.tokenizer
     if tok.add_bos and tok.bos_id is not None:
         ids[0] = tok.bos_id
-    return model.eval_logits(ids, first=n_ctx // 2)[:-1]
+    return ids
+
+
+def chunk_logits(model, tokens: np.ndarray, i: int, n_ctx: int) -> np.ndarray:
+    """Chunk i evaluated from an empty cache: the logits of the scored positions n_ctx/2 .. n_ctx-2,
+    (n_ctx - 1 - n_ctx/2, n_vocab) float32."""
+    return model.eval_logits(chunk_ids(model, tokens, i, n_ctx), first=n_ctx // 2)[:-1]
 
 
 def log_softmax_blocks(logits: np.ndarray):
