@@ -328,12 +328,13 @@ def info(models, as_json, tensors, compare, ctx):
 @click.argument("dst", type=click.Path(dir_okay=False))
 @click.argument("qtype", metavar="TYPE")
 @click.option("--imatrix", "imatrix_path", type=click.Path(dir_okay=False), default=None,
-              help="An importance matrix (llama.cpp's imatrix GGUF, e.g. from `edgelm imatrix`) to weigh the "
-                   "K-quant block searches with.")
-def quantize(src, dst, qtype, imatrix_path):
-    """Rewrite SRC as DST with its weight matrices in TYPE: one type for every matrix (q8_0 q4_0 q4_1 q5_0
-    q5_1, or f16 f32), or one of llama.cpp's K-quant file types (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m
-    q5_k_s q5_k_m q6_k), the per-tensor mix llama.cpp's quantizer picks.
+              help="An importance matrix (llama.cpp's imatrix GGUF or .dat, e.g. from `edgelm imatrix`) to "
+                   "weigh the block searches with.")
+@click.option("--pure", is_flag=True, help="TYPE in every matrix, not llama.cpp's mix (llama-quantize --pure).")
+def quantize(src, dst, qtype, imatrix_path, pure):
+    """Rewrite SRC as DST with its weight matrices in one of llama.cpp's file types: q4_0 q4_1 q5_0 q5_1 q8_0
+    q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k, the per-tensor mix llama.cpp's quantizer
+    picks (the output matrix in Q6_K, more bits for attn_v and ffn_down in some layers ...); or in f16/f32.
 
     Blocks equal llama.cpp's reference quantizers byte for byte; 1-D tensors (norms, biases) keep their type.
     DST is written under a temporary name and appears only when complete."""
@@ -341,7 +342,7 @@ def quantize(src, dst, qtype, imatrix_path):
     if os.path.abspath(src) == os.path.abspath(dst):
         raise EdgeLMError(f"{dst}: the output must be a different file from the input")
     with _TensorProgress("quantizing") as step:
-        counts = quantize_file(src, dst, qtype, progress=step, imatrix=imatrix_path)
+        counts = quantize_file(src, dst, qtype, progress=step, imatrix=imatrix_path, pure=pure)
     mix = {}
     for t in counts["types"].values():
         mix[t] = mix.get(t, 0) + 1
@@ -514,16 +515,19 @@ def perplexity(model, text_path, ctx, chunks, threads, cache_type_k, cache_type_
 @click.option("-f", "--file", "text_path", type=click.Path(dir_okay=False), required=True,
               help="Calibration text (UTF-8).")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="imatrix.gguf", show_default=True,
-              help="The imatrix file to write (llama.cpp's imatrix GGUF format).")
+              help="The imatrix file to write.")
+@click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default="gguf", show_default=True,
+              help="llama.cpp's imatrix GGUF, or its older .dat format.")
 @click.option("-c", "--ctx", type=_one_int(4), default="512", show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=_one_int(1), default=None, help="Use only the first N chunks  [default: all]")
+@click.option("--process-output", is_flag=True, help="Also collect the output matrix (output.weight).")
 @_threads_option
-def imatrix(model, text_path, out, ctx, chunks, threads):
+def imatrix(model, text_path, out, fmt, ctx, chunks, process_output, threads):
     """Collect an importance matrix: the mean squared input of every layer matrix over calibration text
-    (llama-imatrix's method and file format), for `edgelm quantize --imatrix`."""
+    (llama-imatrix's method and file formats), for `edgelm quantize --imatrix`."""
     from .commands.imatrix import run_imatrix
     run_imatrix(lambda n_ctx: _load(model, ctx=n_ctx, threads=threads, cache_type_k="f32", cache_type_v="f32"),
-                text_path, out, ctx, chunks)
+                text_path, out, ctx, chunks, fmt, process_output)
 
 
 def peak_rss_bytes() -> int:

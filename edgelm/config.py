@@ -105,7 +105,9 @@ class ModelConfig:
             attn_scale=k.float("attention.scale", 1.0 / math.sqrt(head_dim), above=0.0),
             n_expert=n_expert,
             n_expert_used=k.int("expert_used_count", 0, lo=0, hi=MAX_EXPERTS, required=bool(n_expert)),
-            n_ff_exp=k.int("expert_feed_forward_length", 0, lo=0, hi=MAX_DIM, required=bool(n_expert)),
+            # Mixtral-style files (llama arch) size their experts by feed_forward_length alone
+            n_ff_exp=k.int("expert_feed_forward_length", k.int("feed_forward_length", 0, lo=0, hi=MAX_DIM),
+                           lo=0, hi=MAX_DIM),
             expert_weights_norm=k.bool("expert_weights_norm", traits.expert_weights_norm),
             rope_scaling=scaling,
             rope_factor=k.float("rope.scaling.factor", 1.0, above=0.0),
@@ -116,7 +118,8 @@ class ModelConfig:
         if n_expert and not 0 < cfg.n_expert_used <= n_expert:
             raise GGUFError(f"{g.path}: {arch}.expert_used_count {cfg.n_expert_used} is not in 1..{n_expert}")
         if n_expert and cfg.n_ff_exp < 1:
-            raise GGUFError(f"{g.path}: key {arch}.expert_feed_forward_length = {cfg.n_ff_exp} must be >= 1")
+            raise GGUFError(f"{g.path}: key {arch}.expert_feed_forward_length (or feed_forward_length) = "
+                            f"{cfg.n_ff_exp} must be >= 1")
         if scaling == "yarn" and cfg.rope_orig_ctx < 1:
             raise GGUFError(f"{g.path}: key {arch}.rope.scaling.original_context_length must be >= 1 with YaRN")
         return cfg

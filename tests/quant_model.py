@@ -60,7 +60,7 @@ def random_blocks(rng, qtype, n_rows: int, n_in: int, std: float = WEIGHT_STD) -
     return blocks.reshape(n_rows, -1)
 
 
-def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE):
+def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE, edge_rows: bool = True):
     """(name, array, raw_dtype or None) of the model, in file order.  embedding_only: only token_embd has the
     type; the rest is float32 with zero attention-output and down projections, so the layers add nothing and
     the logits are a float32 function of the decoded embedding rows (a probe of a runtime's decode alone).
@@ -81,6 +81,10 @@ def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE
             return m.astype(np.float32), None
         return random_blocks(rng, qtype, rows, cols), qtype
 
+    def experts(n, rows, cols):
+        assert qtype == T.F16, "expert tensors only in F16 files"
+        return (rng.standard_normal((n, rows, cols)) * WEIGHT_STD).astype(np.float16), None
+
     embd = (rng.standard_normal((s["n_vocab"], d)).astype(np.float16), None) if qtype == T.F16 else \
         (random_blocks(rng, qtype, s["n_vocab"], d, 1.0), qtype)
     out = [("token_embd.weight", *embd),
@@ -93,12 +97,20 @@ def _tensors(qtype, seed: int, embedding_only: bool = False, shape: dict = SHAPE
                 (p + "attn_k.weight", *mat(kv, d)),
                 (p + "attn_v.weight", *mat(kv, d)),
                 (p + "attn_output.weight", *mat(d, d, zero=True)),
-                (p + "ffn_norm.weight", norm(), None),
-                (p + "ffn_gate.weight", *mat(s["n_ff"], d)),
+                (p + "ffn_norm.weight", norm(), None)]
+        if s.get("n_expert"):        # Mixtral's layout: a router and 3-D expert tensors (F16 files only)
+            e = s["n_expert"]
+            out += [(p + "ffn_gate_inp.weight", rng.standard_normal((e, d)).astype(np.float32), None),
+                    (p + "ffn_gate_exps.weight", *experts(e, s["n_ff"], d)),
+                    (p + "ffn_up_exps.weight", *experts(e, s["n_ff"], d)),
+                    (p + "ffn_down_exps.weight", *experts(e, d, s["n_ff"]))]
+            continue
+        out += [(p + "ffn_gate.weight", *mat(s["n_ff"], d)),
                 (p + "ffn_up.weight", *mat(s["n_ff"], d)),
                 (p + "ffn_down.weight", *mat(d, s["n_ff"], zero=True))]
-    if qtype == T.F16:
-        _edge_rows(dict((n, a) for n, a, _ in out)["blk.0.ffn_gate.weight"])
+    if qtype == T.F16 and edge_rows:
+        tensors = dict((n, a) for n, a, _ in out)
+        _edge_rows(tensors.get("blk.0.ffn_gate.weight", tensors["blk.0.attn_q.weight"]))
     return out
 
 
@@ -117,10 +129,12 @@ def _edge_rows(m: np.ndarray) -> None:
     m[7] = np.abs(m[7])
 
 
-def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape: dict = SHAPE) -> str:
+def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape: dict = SHAPE,
+                edge_rows: bool = True) -> str:
     """Write the model with every matrix (embeddings and output too) of type `qtype` (see _tensors for
     embedding_only); returns a digest of its tensor data, the same wherever the file is made again.  `shape`:
-    SHAPE's keys (tools/bench_quant_types.py writes larger ones; reference_logits reads only SHAPE's)."""
+    SHAPE's keys (tools/bench_quant_types.py writes larger ones; reference_logits reads only SHAPE's).  edge_rows:
+    the F16 file's extreme rows (_edge_rows), off where a runtime must compute on it in float16 (they overflow)."""
     from edgelm.commands.convert.vocab import add_vocab
 
     s = shape
@@ -135,9 +149,12 @@ def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape:
     w.add_rope_dimension_count(s["n_embd"] // s["n_head"])
     w.add_rope_freq_base(ROPE_BASE)
     w.add_layer_norm_rms_eps(RMS_EPS)
+    if s.get("n_expert"):
+        w.add_expert_count(s["n_expert"])
+        w.add_expert_used_count(2)
     add_vocab(w, TINY_TOKENIZER, s["n_vocab"], "llama")
     h = hashlib.sha256()
-    for name, data, raw_dtype in _tensors(qtype, seed, embedding_only, shape):
+    for name, data, raw_dtype in _tensors(qtype, seed, embedding_only, shape, edge_rows):
         w.add_tensor(name, data, raw_dtype=raw_dtype)
         h.update(name.encode() + np.ascontiguousarray(data).tobytes())
     w.write_header_to_file()

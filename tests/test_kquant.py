@@ -115,9 +115,19 @@ def test_recipe_rules_by_name():
     assert recipes.tensor_type("q4_k_m", "blk.0.attn_q.weight", 4000, shape) == T.Q5_0      # rows of 4000
     assert recipes.tensor_type("q4_k_m", "blk.0.attn_q.weight", 4001, shape) == T.F16
     assert recipes.tensor_type("q2_k", "blk.5.attn_v.weight", 4096, shape) == T.Q4_K        # 4 heads per KV head
-    moe = recipes.ModelShape("llama", 32, 32, 8, 8, tied_output=False, n_attn_v=32)
-    with pytest.raises(EdgeLMError, match="mixture-of-experts"):
-        recipes.tensor_type("q4_k_m", "blk.0.attn_v.weight", 4096, moe)
+    moe = recipes.ModelShape("llama", 32, 32, 8, 8, tied_output=False, n_attn_v=32)      # Mixtral's shape
+    assert recipes.tensor_type("q4_k_m", "blk.0.attn_v.weight", 4096, moe) == T.Q8_0
+    assert recipes.tensor_type("q4_k_m", "blk.0.attn_k.weight", 4096, moe) == T.Q8_0
+    assert recipes.tensor_type("q4_k_m", "blk.0.attn_output.weight", 4096, moe) == T.Q5_K
+    assert recipes.tensor_type("q3_k_l", "blk.0.attn_output.weight", 4096, moe) == T.Q3_K   # not bumped there
+    assert recipes.tensor_type("q4_k_m", "blk.3.ffn_down_exps.weight", 14336, moe) == T.Q6_K  # its layer's rule
+    # the legacy file types: Q6_K output; Q4_1 for Q4_0's first ffn_down eighth with an importance matrix only
+    assert recipes.tensor_type("q4_0", "output.weight", 4096, shape) == T.Q6_K
+    assert recipes.tensor_type("q8_0", "output.weight", 4096, shape) == T.Q8_0
+    assert recipes.tensor_type("q4_0", "blk.3.ffn_down.weight", 4096, shape) == T.Q4_0
+    assert recipes.tensor_type("q4_0", "blk.3.ffn_down.weight", 4096, shape, has_imatrix=True) == T.Q4_1
+    assert recipes.tensor_type("q4_0", "blk.4.ffn_down.weight", 4096, shape, has_imatrix=True) == T.Q4_0
+    assert recipes.tensor_type("q4_0", "output.weight", 4096, shape, pure=True) == T.Q4_0
 
 
 def test_quantize_cli_names_the_file_types(f16_files, tmp_path):

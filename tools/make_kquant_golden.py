@@ -5,7 +5,8 @@ quantizes it with llama.cpp's own quantizer (llama-cpp-python's llama_model_quan
 K-quant file type (q2_k, q3_k_s ... q6_k), and stores per file type and tensor the type llama.cpp chose and the
 SHA-256 of its bytes (the first 16 hex digits), plus the digest of the F16 file's tensor data (the test checks it made the same input).
 The shapes cover llama.cpp's per-layer rules (18 layers: n/16 = 1, n/8 = 2, use_more_bits) and its fallbacks
-(rows of 288: no whole 256-blocks; 4 query heads per KV head: Q2_K's attn_v rule).  "importance": the rows of
+(rows of 288: no whole 256-blocks; 4 query heads per KV head: Q2_K's attn_v rule) and its 8-expert rules
+(Mixtral's layout: 3-D expert tensors).  Every file type: the K-quant mixes and the legacy ones (q4_0 ... q8_0).  "importance": the rows of
 tests/quant_model.importance_case quantized by ggml's own ggml_quantize_chunk (llama-cpp-python's
 libggml-base) to Q2_K ... Q6_K with and without its importance weights, and to Q4_0 ... Q5_1 with them: the
 hash of each row's blocks.
@@ -34,6 +35,7 @@ from tests.quant_model import SHAPE, T, importance_case, write_model  # noqa: E4
 SHAPES = {
     "deep": dict(SHAPE, n_layer=18),
     "odd_rows": dict(SHAPE, n_layer=3, n_embd=288, n_head=4, n_head_kv=1),
+    "experts8": dict(SHAPE, n_layer=9, n_expert=8, n_ff=256),       # llama.cpp's 8-expert rules
 }
 OUT = ROOT / "tests" / "golden" / "kquant_llamacpp.json"
 

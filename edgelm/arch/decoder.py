@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import GGUFError, UnsupportedError
+from ..errors import GGUFError
 from ..gguf_file import GGUFFile
 from ..quant import kernels
 from ..quant.kernels import FusedLinear
@@ -164,7 +164,10 @@ class MoE:
         self.router, self.experts = router, experts
         self.n_used, self.routing, self.norm_weights = n_used, routing, norm_weights
 
-    def __call__(self, h: np.ndarray) -> np.ndarray:
+    def __call__(self, h: np.ndarray, obs=None) -> np.ndarray:
+        """obs: the decoder's observer, shown each expert's input rows (as llama-imatrix sees MUL_MAT_ID)."""
+        if obs is not None:
+            obs((self.router.name,), h)
         logits = self.router(h)                                      # (T, n_expert)
         k = self.n_used
         if self.routing == "topk_softmax":
@@ -179,9 +182,26 @@ class MoE:
         out = np.zeros_like(h)
         for e in np.unique(top):
             tok, slot = np.nonzero(top == e)
-            y = self.experts[e](np.ascontiguousarray(h[tok]))
+            x = np.ascontiguousarray(h[tok])
+            y = self.experts[e](x) if obs is None else _observed_mlp(self.experts[e], x, obs, e, len(self.experts))
             out[tok] += weights[tok, slot][:, None] * y
         return out
+
+
+def _observed_mlp(mlp, x: np.ndarray, obs, expert: int = 0, n_expert: int = 1) -> np.ndarray:
+    """A GatedMLP's or PlainMLP's __call__, showing the observer the inputs of its matrices (by the file's
+    tensor names: an expert's view "blk.0.ffn_up_exps.weight[3]" is expert 3 of its tensor)."""
+    def tensors(names):
+        return tuple(n.partition("[")[0] for n in names)
+
+    if isinstance(mlp, GatedMLP):
+        obs(tensors(mlp.gate_up.names), x, expert, n_expert)
+        a = mlp.glu(*mlp.gate_up(x))
+    else:
+        obs(tensors((mlp.up.name,)), x, expert, n_expert)
+        a = mlp.act(mlp.up(x))
+    obs(tensors((mlp.down.name,)), a, expert, n_expert)
+    return mlp.down(a)
 
 
 @dataclass
@@ -388,14 +408,15 @@ class Decoder:
             if obs is not None:
                 obs((mlp.down.name,), up)
             return _linear_into(mlp.down, up, ws.f[:T])
-        if obs is not None:
-            raise UnsupportedError(f"{L.wo.name.rsplit('.', 2)[0]}: collecting an importance matrix through "
-                                   "mixture-of-experts or clamped-SwiGLU layers is not supported yet")
+        if obs is not None:                      # an importance matrix: the observed (allocating) paths
+            return mlp(h, obs) if isinstance(mlp, MoE) else _observed_mlp(mlp, h, obs)
         return mlp(h)                            # MoE, clamped SwiGLU: their own (allocating) code
 
     def _logits(self, x: np.ndarray, ws: "Workspace", all_logits: bool) -> np.ndarray:
         if all_logits:
             h = self._apply_norm(x, self.output_norm, ws.h[:len(x)])
+            if self.observer is not None:
+                self.observer((self.output.name,), h)
             return self.output(h)
         h = self._apply_norm(x[-1:], self.output_norm, ws.h[:1])
         return kernels.matvec(self.output.raw, self.output.ggml_type, self.output.n_out, self.output.n_in,

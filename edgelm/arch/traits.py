@@ -42,7 +42,7 @@ ARCH_TRAITS: dict[str, ArchTraits] = {t.name: t for t in [
     ArchTraits("gpt2", norm="layer", positions="learned", activation="gelu_tanh", gated_mlp=False,
                norm_eps_key="attention.layer_norm_epsilon"),
     # Llama, Mistral (converted as llama, like llama.cpp does), SmolLM.
-    ArchTraits("llama"),
+    ArchTraits("llama", expert_weights_norm=True),     # Mixtral (llama.cpp models/llama.cpp: norm_w true)
     # Qwen2: QKV biases (found as tensors); NEOX rotation (llama.cpp LLAMA_ROPE_TYPE_NEOX for qwen2).
     ArchTraits("qwen2", rope_style="neox"),
     ArchTraits("qwen3", rope_style="neox", qk_norm=True),

@@ -1,7 +1,7 @@
 """`edgelm quantize IN.gguf OUT.gguf TYPE`: rewrite a GGUF with its weight matrices in another block format.
 
-TYPE is a legacy type (q8_0 ... q5_1: every matrix in it) or one of llama.cpp's K-quant file types (q2_k,
-q3_k_s ... q6_k: the per-tensor mix of quant/recipes.py). Blocks equal llama.cpp's reference quantizers
+TYPE is one of llama.cpp's file types, legacy (q4_0 ... q8_0) or K-quant (q2_k, q3_k_s ... q6_k), each the
+per-tensor mix of quant/recipes.py as llama-quantize makes it (--pure: the type in every matrix), or f16/f32. Blocks equal llama.cpp's reference quantizers
 byte for byte (quant/writers.py). As in llama.cpp's quantizer (src/llama-quant.cpp), only matrices are
 quantized: 1-D tensors (norms, biases) keep their type. One tensor is in memory at a time; the file is
 written under a temporary name and renamed at the end, so a failure leaves nothing behind.
@@ -23,13 +23,9 @@ from ..quant import recipes
 from ..quant.formats import dequantize, format_for
 from ..quant.writers import encode
 
-# target name -> (ggml type, general.file_type)   (gguf-py constants.py LlamaFileType)
+# float targets -> (ggml type, general.file_type)   (gguf-py constants.py LlamaFileType); the quantized file
+# types (legacy and K-quant) are llama.cpp's per-tensor mixes of quant/recipes.py
 TARGETS = {
-    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-    "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
-    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
-    "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
     "f16": (Q.F16, LlamaFileType.MOSTLY_F16),      # e.g. a quantized file back to floats (a KL base)
     "f32": (Q.F32, LlamaFileType.ALL_F32),
 }
@@ -50,6 +46,11 @@ def _is_matrix(info) -> bool:
     return len(info.shape) >= 2 and info.name.endswith(".weight") and not info.name.endswith(KEEP_UNQUANTIZED)
 
 
+def _n_mat(info) -> int:
+    """The matrices a tensor stacks (its experts; 1 for a plain matrix): shape is ggml's (n_in, rows, ...)."""
+    return int(np.prod(info.shape[2:], dtype=np.int64))
+
+
 def target_names() -> list[str]:
     return [*TARGETS, *recipes.FILE_TYPES]
 
@@ -62,22 +63,23 @@ def model_shape(g: GGUFFile, config: ModelConfig) -> recipes.ModelShape:
                               tied_output="output.weight" not in names, n_attn_v=n_attn_v)
 
 
-def _plan_type(key: str, info, shape: recipes.ModelShape | None):
+def _plan_type(key: str, info, shape: recipes.ModelShape | None, has_imatrix: bool, pure: bool):
     """The type matrix `info` is written in, or None to copy it as it is."""
     if not _is_matrix(info):
         return None
     if key in TARGETS:
-        qtype = TARGETS[key][0]
-        return qtype if info.shape[0] % 32 == 0 or qtype in (Q.F16, Q.F32) else None
-    return recipes.tensor_type(key, info.name, info.n_in, shape)
+        return TARGETS[key][0]
+    return recipes.tensor_type(key, info.name, info.n_in, shape, has_imatrix, pure)
 
 
 def quantize_file(src: str, dst: str, target: str,
-                  progress: Callable[[str, int, int], None] | None = None, imatrix: str | None = None) -> dict:
-    """Write `dst`: `src` with every weight matrix in `target` (q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant file
-    type: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k). `imatrix`: an importance matrix file (llama.cpp's
-    imatrix GGUF) whose entries weigh the K-quant searches of their tensors. Returns counts of quantized /
-    copied tensors and each tensor's type."""
+                  progress: Callable[[str, int, int], None] | None = None, imatrix: str | None = None,
+                  pure: bool = False) -> dict:
+    """Write `dst`: `src` with its weight matrices in llama.cpp's file type `target` (q8_0, q4_0, q4_1, q5_0,
+    q5_1, q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k: llama-quantize's per-tensor mix, or with `pure` that type
+    in every matrix) or in f16/f32. `imatrix`: an importance matrix file (llama.cpp's imatrix GGUF or .dat)
+    whose entries weigh the block searches of their tensors. Returns counts of quantized / copied tensors and
+    each tensor's type."""
     key = target.lower()
     key = recipes.ALIASES.get(key, key)
     if key not in TARGETS and key not in recipes.FILE_TYPES:
@@ -95,7 +97,7 @@ def quantize_file(src: str, dst: str, target: str,
                               "an importance matrix of another model?")
     plan = []
     for info in g.tensors.values():
-        qtype = _plan_type(key, info, shape)
+        qtype = _plan_type(key, info, shape, imatrix is not None, pure)
         lossy = qtype is not None and qtype not in (Q.F16, Q.F32)      # to floats: the decoded weights themselves
         if lossy and qtype != info.ggml_type and bits_per_weight(info.ggml_type) < bits_per_weight(qtype):
             raise UnsupportedError(
@@ -104,7 +106,7 @@ def quantize_file(src: str, dst: str, target: str,
                 f"({bits_per_weight(qtype):.2f}): quantize from an F32/F16/BF16 or higher-precision file")
         plan.append((info, qtype if qtype != info.ggml_type else None))
         if imat is not None:
-            imat.for_tensor(info.name, info.n_in)        # checked before anything is written
+            imat.for_tensor(info.name, info.n_in, _n_mat(info))     # checked before anything is written
     with atomic_output(dst, inputs=[src]) as tmp:
         w = GGUFWriter(tmp, arch=g.architecture)
         for k, v in g.metadata.items():
@@ -137,8 +139,13 @@ def quantize_file(src: str, dst: str, target: str,
         for i, (info, qtype) in enumerate(plan):
             raw = g.tensor(info.name)
             if qtype is not None:
-                weights = imat.for_tensor(info.name, info.n_in) if imat is not None else None
-                data = encode(dequantize(raw, info.ggml_type, info.n_in), qtype, weights)
+                x = dequantize(raw, info.ggml_type, info.n_in)
+                weights = imat.for_tensor(info.name, info.n_in, _n_mat(info)) if imat is not None else None
+                if weights is None:
+                    data = encode(x, qtype)
+                else:                         # each matrix (expert) with its own weights, as llama.cpp
+                    x = x.reshape(len(weights), -1, info.n_in)
+                    data = np.stack([encode(x[e], qtype, weights[e]) for e in range(len(weights))])
             else:
                 data = np.ascontiguousarray(raw)
             w.write_tensor_data(data)

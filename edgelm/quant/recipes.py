@@ -1,10 +1,12 @@
 """llama.cpp's file types (`llama-quantize ... Q4_K_M`): which block type each tensor of a model gets.
 
 The rules are llama.cpp's, restated as data (src/llama-quant.cpp, llama_tensor_get_type and
-tensor_type_fallback; dense models): every matrix starts at the file type's default type; the output matrix
-(and the token embeddings when the output reuses them) gets Q6_K; attn_v, ffn_down and attn_output get
-more bits in some layers; a row length that the chosen block does not divide falls back to a legacy type
-(Q8_0 for the output), then to F16.  1-D tensors (norms) and what llama.cpp never quantizes keep their type.
+tensor_type_fallback): every matrix starts at the file type's default type; the output matrix
+(and the token embeddings when the output reuses them) gets Q6_K (Q8_0 stays Q8_0); attn_v, ffn_down and
+attn_output get more bits in some layers; a row length that the chosen block does not divide falls back to a
+legacy type (Q8_0 for the output), then to F16.  Models of exactly 8 experts (Mixtral's shape) get Q8_0
+attn_k/attn_v and a Q5_K attn_output in the low mixes; the rules read a layer's index from the tensor name, so
+expert tensors (ffn_down_exps ...) follow their layer's ffn_down rule.  1-D tensors (norms) and what llama.cpp never quantizes keep their type.
 """
 from __future__ import annotations
 
@@ -27,7 +29,15 @@ FILE_TYPES = {
     "q5_k_s": (Q.Q5_K, FT.MOSTLY_Q5_K_S),
     "q5_k_m": (Q.Q5_K, FT.MOSTLY_Q5_K_M),
     "q6_k": (Q.Q6_K, FT.MOSTLY_Q6_K),
+    # the legacy file types: their type everywhere but the output matrix (Q6_K), and, with an importance
+    # matrix, Q4_1/Q5_1 for the first eighth of Q4_0/Q5_0's ffn_down
+    "q4_0": (Q.Q4_0, FT.MOSTLY_Q4_0),
+    "q4_1": (Q.Q4_1, FT.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, FT.MOSTLY_Q5_0),
+    "q5_1": (Q.Q5_1, FT.MOSTLY_Q5_1),
+    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
 }
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}     # llama-quantize's
 
 
@@ -53,6 +63,7 @@ _FFN_DOWN = {
     "q4_k_s": lambda i, n: Q.Q5_K if i < n // 8 else Q.Q4_K,
 }
 _ATTN_OUTPUT = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}
+_ATTN_OUTPUT_8_EXPERTS = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m")      # these get Q5_K there
 
 # A row length the 256-block does not divide (tensor_type_fallback, newest llama.cpp): then F16 if 32 does not.
 _FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
@@ -80,19 +91,22 @@ def resolve(name: str) -> str:
     return key
 
 
-def tensor_type(file_type: str, name: str, n_in: int, shape: ModelShape) -> Q:
-    """The type llama.cpp's quantizer gives matrix `name` (rows of n_in values) for this file type."""
-    if shape.n_expert > 1:
-        raise UnsupportedError(f"{file_type.upper()} for a mixture-of-experts model is not supported yet "
-                               "(llama.cpp's expert rules are not implemented)")
+def tensor_type(file_type: str, name: str, n_in: int, shape: ModelShape, has_imatrix: bool = False,
+                pure: bool = False) -> Q:
+    """The type llama.cpp's quantizer gives matrix `name` (rows of n_in values) for this file type, with or
+    without an importance matrix; pure: the file type's type for every matrix (llama-quantize --pure), but
+    for the fallbacks of rows it does not fit."""
     default = FILE_TYPES[file_type][0]
     m = _LAYER.match(name)
     layer = int(m.group(1)) if m else -1
-    if name == "output.weight" or (name == "token_embd.weight" and shape.tied_output):
-        t = Q.Q6_K if n_in % 256 == 0 else Q.Q8_0
-        return t if n_in % 32 == 0 else Q.F16
     t = default
-    if name == "token_embd.weight":
+    if pure:
+        pass
+    elif name == "output.weight" or (name == "token_embd.weight" and shape.tied_output):
+        t = default if default == Q.Q8_0 else Q.Q6_K
+        if n_in % 256:
+            t = Q.Q8_0
+    elif name == "token_embd.weight":
         pass
     elif any(k in name for k in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")):
         if file_type == "q2_k":
@@ -101,10 +115,20 @@ def tensor_type(file_type: str, name: str, n_in: int, shape: ModelShape) -> Q:
             t = _ATTN_V[file_type](layer, shape.n_attn_v)
         if shape.arch == "llama" and shape.n_layer == 80 and t in (Q.Q3_K, Q.Q4_K):   # llama.cpp's 70B rule
             t = Q.Q5_K
+        if shape.n_expert == 8:          # llama.cpp: "for the 8-expert model, bumping this to Q8_0"
+            t = Q.Q8_0
+    elif "attn_k.weight" in name:
+        if shape.n_expert == 8:
+            t = Q.Q8_0
     elif "attn_output.weight" in name:
-        t = _ATTN_OUTPUT.get(file_type, default)
+        if shape.n_expert == 8:
+            t = Q.Q5_K if file_type in _ATTN_OUTPUT_8_EXPERTS else default
+        else:
+            t = _ATTN_OUTPUT.get(file_type, default)
     elif "ffn_down" in name and file_type in _FFN_DOWN:
         t = _FFN_DOWN[file_type](layer, shape.n_layer)
+    elif "ffn_down" in name and file_type in ("q4_0", "q5_0") and has_imatrix and layer < shape.n_layer // 8:
+        t = Q.Q4_1 if file_type == "q4_0" else Q.Q5_1
     if n_in % 256:
         t = _FALLBACK.get(t, t)
     return t if n_in % 32 == 0 else Q.F16

@@ -23,7 +23,7 @@ from ...atomic import atomic_output
 from ...errors import EdgeLMError, UnsupportedError
 from ...quant import recipes
 from ...quant.writers import encode
-from ..quantize import KEEP_UNQUANTIZED, TARGETS as QUANT_TARGETS
+from ..quantize import KEEP_UNQUANTIZED
 from .archs import SPECS, ConvertSpec, Source, sources
 from .safetensors import Checkpoint
 
@@ -32,11 +32,12 @@ OUTTYPES = {
     "f32": (Q.F32, LlamaFileType.ALL_F32),
     "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
-    **{k: v for k, v in QUANT_TARGETS.items() if k not in ("f32", "f16")},
+    # the legacy types in every matrix, as convert_hf_to_gguf.py writes q8_0 (llama-quantize's mix: `quantize`)
+    **{k: recipes.FILE_TYPES[k] for k in recipes.LEGACY},
     # llama-quantize's MXFP4_MOE: expert matrices in MXFP4 (how gpt-oss ships), everything else Q8_0
     "mxfp4_moe": (Q.Q8_0, LlamaFileType.MOSTLY_MXFP4_MOE),
     # llama.cpp's K-quant file types: a type per tensor (quant/recipes.py, the table `quantize` uses)
-    **recipes.FILE_TYPES,
+    **{k: v for k, v in recipes.FILE_TYPES.items() if k not in recipes.LEGACY},
 }
 _F32_VT = GGUFValueType.FLOAT32
 _QUANT_VERSION = 2   # ggml GGML_QNT_VERSION, written by llama.cpp for quantized files
@@ -214,7 +215,7 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str,
     recipes.tensor_type for `model`)."""
     if len(shape) == 1 or gguf_name.endswith(_F32_SUFFIXES):
         return Q.F32
-    if outtype in recipes.FILE_TYPES:
+    if outtype in recipes.FILE_TYPES and outtype not in recipes.LEGACY:
         return recipes.tensor_type(outtype, gguf_name, shape[-1], model)
     qtype = OUTTYPES[outtype][0]
     if outtype == "mxfp4_moe" and "_exps." in gguf_name:
