@@ -104,14 +104,17 @@ def test_bad_imatrix_and_text_one_line_no_file(setup, tmp_path):
     dst = tmp_path / "q.gguf"
     short = tmp_path / "short.txt"
     short.write_text("the river")
+    cut = tmp_path / "cut.dat"               # llama.cpp's legacy format, cut inside its first entry's values
+    cut.write_bytes((GOLDEN / "imatrix_llamacpp.dat").read_bytes()[:100])
     for args, rule in [
         (["quantize", str(model), str(dst), "q4_k_m", "--imatrix", str(other)], "has 100 values"),
         (["quantize", str(model), str(dst), "q4_k_m", "--imatrix", str(text)], "not a readable imatrix"),
+        (["quantize", str(model), str(dst), "q4_k_m", "--imatrix", str(cut)], "ends inside"),
         (["imatrix", "-m", str(model), "-f", str(short), "-o", str(dst), "-c", str(N_CTX)], "needs at least 32"),
     ]:
         p = run_cli(*args)
         assert p.returncode == 1 and p.stderr.count("\n") == 1 and rule in p.stderr, (args, p.stderr)
-    assert not dst.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["other.gguf", "short.txt"]
+    assert not dst.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["cut.dat", "other.gguf", "short.txt"]
 
 
 # llama.cpp's own imatrix of a small F16 model in both formats, and llama-quantize's files made with each
