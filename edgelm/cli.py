@@ -215,9 +215,14 @@ BASE_MODEL_REPLY_CAP = 256
 @_cache_type_option("-ctk", "--cache-type-k", "keys")
 @_cache_type_option("-ctv", "--cache-type-v", "values")
 @click.option("--special", is_flag=True, help="Parse control tokens written in the prompt (e.g. <|im_start|>).")
+@click.option("--lookup-ngram", type=int, default=None, metavar="N",
+              help="Prompt-lookup speculative decoding: propose what followed the last N..1 tokens earlier in the "
+                   "text, verified in one batch (same output at --temp 0).")
+@click.option("--draft-max", type=int, default=8, show_default=True, metavar="K",
+              help="Tokens proposed at most per step (with --lookup-ngram).")
 @_stats_option
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
-             threads, cache_type_k, cache_type_v, special, stats):
+             threads, cache_type_k, cache_type_v, special, lookup_ngram, draft_max, stats):
     """Continue PROMPT (read from stdin when omitted) and stream the text."""
     if prompt is None:
         if sys.stdin.isatty():
@@ -228,7 +233,8 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
     load_s = time.perf_counter() - t0
     pieces = m.generate(clean_text(prompt), max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                         min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-                        stop=[clean_text(x) for x in stop], stream=True, parse_special=special)
+                        stop=[clean_text(x) for x in stop], stream=True, parse_special=special,
+                        lookup_ngram=lookup_ngram, draft_max=draft_max)
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -244,6 +250,9 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
         click.echo(f"[ load: {load_s:.2f} s | prompt: {s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | "
                    f"generation: {s.generated_tokens} tokens, {s.generate_tps:.1f} t/s | "
                    f"peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB | stop: {s.stop_reason} ]", err=True)
+        if lookup_ngram is not None:
+            click.echo(f"[ lookup: {s.draft_tokens} proposed in {s.draft_batches} batches, {s.draft_accepted} "
+                       f"accepted ({100 * s.acceptance_rate:.0f} %) ]", err=True)
 
 
 @cli.command()

@@ -119,12 +119,16 @@ class Model:
                  repeat_penalty: float | None = None, repeat_last_n: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, stream: bool = False, add_special: bool = True,
                  parse_special: bool = False, session: Session | None = None,
-                 n_keep: int | None = None) -> str | Iterator[str]:
+                 n_keep: int | None = None, lookup_ngram: int | None = None,
+                 draft_max: int = 8) -> str | Iterator[str]:
         """Continue `prompt` (text, or token ids). Returns the text, or with stream=True an iterator of pieces.
         Sampling keywords left at None take the model's defaults (`sampling_defaults`); max_tokens -1 runs
         until an end token or a full context. Asked for more tokens than the context holds, the context is
         shifted (llama.cpp's context shift): the first n_keep tokens stay (default: the BOS, if the model adds
-        one), the older half of the rest is dropped. Statistics of the last call are in `model.last_stats`."""
+        one), the older half of the rest is dropped. lookup_ngram N: prompt-lookup speculative decoding (up to
+        draft_max tokens proposed from the latest earlier match of the last N..1 tokens, verified in one batch;
+        the same output as without at temperature 0, the same distribution otherwise). Statistics of the last
+        call are in `model.last_stats` (with the proposals' acceptance)."""
         max_tokens = check_value("num_predict", max_tokens, "max_tokens")
         params = self.sampling_defaults.with_(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -146,7 +150,12 @@ class Model:
             max_tokens = self.n_ctx - len(ids)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = self.last_stats = GenerationStats()
-        pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep)
+        drafter = None
+        if lookup_ngram is not None:
+            from .runtime.speculative import PromptLookup
+            drafter = PromptLookup(lookup_ngram, draft_max)
+        pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep,
+                               drafter=drafter)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = None,

@@ -21,6 +21,13 @@ class GenerationStats:
     generate_s: float = 0.0
     stop_reason: str = ""           # "eos" | "stop" | "length"
     context_shifts: int = 0         # times the full context was shifted to go on
+    draft_tokens: int = 0           # speculative decoding: tokens proposed ...
+    draft_accepted: int = 0         # ... and kept
+    draft_batches: int = 0          # proposals verified
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -92,11 +99,12 @@ class StopMatcher:
 
 def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                   stop: list[str] | None, stats: GenerationStats, n_keep: int = 0,
-                  reuse_by_shift: bool = False) -> Iterator[str]:
+                  reuse_by_shift: bool = False, drafter=None) -> Iterator[str]:
     """Evaluate the prompt in `session` (reusing the cached prefix; with reuse_by_shift also a cached run after
     a dropped one), then sample up to max_tokens, yielding text pieces. A full context is shifted: the first
     n_keep tokens stay, the older half of the rest goes (llama.cpp examples/main: n_discard = (n_past -
-    n_keep) / 2)."""
+    n_keep) / 2). drafter: speculative decoding (runtime/speculative.py): after each sampled token its
+    proposal is verified in one batched pass and the longest accepted prefix kept."""
     sampler = Sampler(params)
     end_ids = model.tokenizer.end_of_generation_ids
     t0 = time.perf_counter()
@@ -110,28 +118,68 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
     stopper = StopMatcher(stop or [])
     t1 = time.perf_counter()
     stats.stop_reason = "length"
+    exclude = None            # a rejected proposal: the next token is drawn without it (speculative.py)
+
+    def take(tok: int) -> tuple[str, str]:
+        """Account for an output token: (text to yield, "" or why generation ends here)."""
+        if tok in end_ids:
+            return "", "eos"
+        history.append(tok)
+        stats.generated_tokens += 1
+        piece, stopped = stopper.push(text.push(tok))
+        if stopped:
+            return piece, "stop"
+        return piece, "length" if stats.generated_tokens == max_tokens else ""
+
     try:
-        for i in range(max_tokens):
+        while stats.generated_tokens < max_tokens:
             if np.isnan(logits).any():      # only a damaged file gets here (every hyper-parameter was checked)
                 raise EdgeLMError(f"{model.path}: the model computed NaN logits: its weights are damaged")
-            tok = sampler(logits, history)
-            if tok in end_ids:
-                stats.stop_reason = "eos"
-                break
-            history.append(tok)
-            stats.generated_tokens += 1
-            piece, stopped = stopper.push(text.push(tok))
+            tok = sampler(logits, history, exclude)
+            exclude = None
+            piece, end = take(tok)
             if piece:
                 yield piece
-            if stopped:
-                stats.stop_reason = "stop"
-                return
-            if i + 1 == max_tokens:
+            if end:
+                stats.stop_reason = end
+                if end == "stop":           # what the stop string held back is not output
+                    return
                 break
             if session.n_tokens >= session.n_ctx:
                 shift_context(session, n_keep)
                 stats.context_shifts += 1
-            logits = session.decode(tok)
+            room = min(max_tokens - stats.generated_tokens, session.n_ctx - session.n_tokens - 1)
+            draft = drafter.propose(history, room) if drafter is not None else []
+            if not draft:
+                logits = session.decode(tok)
+                continue
+            base = session.n_tokens
+            verified = session.extend([tok, *draft])          # logits after tok, after each draft token
+            stats.draft_batches += 1
+            stats.draft_tokens += len(draft)
+            accepted, end = 0, ""
+            for j, d in enumerate(draft):
+                if not sampler.accepts(verified[j], history, d):
+                    exclude = None if sampler.greedy else d
+                    break
+                accepted += 1
+                stats.draft_accepted += 1
+                piece, end = take(d)
+                if piece:
+                    yield piece
+                if end:
+                    break
+            keep = base + 1 + accepted                # held: tok and the accepted proposal
+            if session.can_resume_at(keep):
+                session.truncate(keep)
+            else:                             # a sliding-window ring overwrote what the rollback needs
+                session.prefill(session.tokens[:keep])
+            if end:
+                stats.stop_reason = end
+                if end == "stop":           # what the stop string held back is not output
+                    return
+                break
+            logits = verified[accepted]
         tail, _ = stopper.push(text.flush())
         tail += stopper.flush()
         if tail:

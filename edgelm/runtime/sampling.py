@@ -147,7 +147,34 @@ class Sampler:
         seed = params.seed if params.seed is not None and params.seed >= 0 else None
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.p.temperature <= 0
+
+    def __call__(self, logits: np.ndarray, history: list[int], exclude: int | None = None) -> int:
+        """The next token. exclude: sample as if that token's probability were 0 (speculative sampling's
+        residual distribution after a rejected draft token: p with the draft's share taken out)."""
+        if self.greedy:
+            return int(np.argmax(self._penalised(logits, history)))
+        cand, probs = self.distribution(logits, history)
+        if exclude is not None:
+            probs = np.where(cand == exclude, 0.0, probs)
+            total = probs.sum()
+            if total <= 0:                  # all mass was on the excluded token: it cannot be rejected
+                return int(exclude)
+            probs = probs / total
+        return int(cand[self.rng.choice(len(cand), p=probs)])
+
+    def accepts(self, logits: np.ndarray, history: list[int], token: int) -> bool:
+        """Speculative sampling's test for a proposed token (a deterministic draft: q is one-hot): keep it
+        with probability p(token); greedy: keep it when it is the argmax."""
+        if self.greedy:
+            return int(np.argmax(self._penalised(logits, history))) == token
+        cand, probs = self.distribution(logits, history)
+        p_tok = float(probs[cand == token].sum())
+        return p_tok > 0 and self.rng.random() < p_tok
+
+    def _penalised(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p
         logits = logits.astype(np.float32, copy=True)
         if p.repeat_penalty != 1.0 and p.repeat_last_n != 0 and history:
@@ -155,8 +182,12 @@ class Sampler:
             ids = np.unique(np.asarray(recent, dtype=np.int64))
             vals = logits[ids]
             logits[ids] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
-        if p.temperature <= 0:
-            return int(np.argmax(logits))
+        return logits
+
+    def distribution(self, logits: np.ndarray, history: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate ids, their probabilities): what the chain leaves to draw from (temperature > 0)."""
+        p = self.p
+        logits = self._penalised(logits, history)
         cand = np.arange(logits.shape[0])
         vals = logits
         if 0 < p.top_k < len(vals):
@@ -172,8 +203,7 @@ class Sampler:
         if p.min_p > 0.0:
             keep = vals >= vals[0] + np.log(p.min_p)      # p_i >= min_p * p_max, on logits
             cand, vals = cand[keep], vals[keep]
-        probs = _softmax(vals, p.temperature)
-        return int(cand[self.rng.choice(len(cand), p=probs)])
+        return cand, _softmax(vals, p.temperature)
 
 
 def _softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:

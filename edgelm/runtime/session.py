@@ -144,6 +144,13 @@ class Session:
         self._written(pos + 1)
         return logits
 
+    def extend(self, ids) -> np.ndarray:
+        """Evaluate `ids` after the held tokens in one batch: every position's logits (len, n_vocab), a new
+        array (speculative decoding verifies a proposal this way, then truncates what it rejects)."""
+        arr = self._check_ids(ids)
+        self.check_fits(self.n_tokens + len(arr))
+        return self._evaluate(arr, all_logits=True)
+
     def eval_logits(self, ids, first: int = 0) -> np.ndarray:
         """Next-token logits at the positions first.. of `ids`, evaluated from an empty context:
         (len - first, n_vocab). The positions before `first` are evaluated without their logits."""

@@ -1,0 +1,94 @@
+"""Speculative decoding with prompt lookup (runtime/speculative.py): the output of plain decoding, token for
+token at temperature 0, in distribution when sampling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelm.errors import EdgeLMError
+from edgelm.runtime.sampling import Sampler, SamplingParams
+from edgelm.runtime.speculative import PromptLookup
+from tests.conftest import run_cli
+
+TEXT = ("The river runs north past the old market, under the stone bridge, and out to the winter garden. "
+        "In the garden a letter waits on the bench beside the music stand.")
+PROMPTS = [
+    f"Repeat this sentence exactly.\n{TEXT}\nRepeated: The river runs",
+    f"{TEXT}\nSummary of the text above: The river",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+    "one two three four five one two three four five one two",
+    "Write a short story about a cat.",               # little to look up: most steps propose nothing
+]
+
+
+def test_lookup_proposes_what_followed_the_latest_match():
+    look = PromptLookup(ngram_max=2, draft_max=3)
+    assert look.propose([1, 2, 3, 4, 1, 2], 10) == [3, 4, 1]
+    assert look.propose([1, 2, 3, 9, 2, 7, 1, 2], 10) == [3, 9, 2]      # the 2-gram [1, 2] wins over [2]
+    assert look.propose([5, 2, 8, 2, 6, 7, 2], 10) == [6, 7, 2]         # the latest 1-gram match, not the first
+    assert look.propose([1, 2, 3, 4, 1, 2], 2) == [3, 4]                # the room left caps it
+    assert look.propose([1, 2, 3], 10) == [] and look.propose([7], 10) == []
+    with pytest.raises(EdgeLMError, match="draft_max"):
+        PromptLookup(2, 0)
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma"])
+def test_greedy_lookup_is_plain_decoding_token_for_token(request, model_name):
+    m = request.getfixturevalue(model_name)
+    accepted = 0
+    for prompt in PROMPTS:
+        plain = m.generate(prompt, max_tokens=40, temperature=0)
+        plain_stats = m.last_stats
+        fast = m.generate(prompt, max_tokens=40, temperature=0, lookup_ngram=3, draft_max=6)
+        s = m.last_stats
+        assert fast == plain, prompt
+        assert s.generated_tokens == plain_stats.generated_tokens and s.stop_reason == plain_stats.stop_reason
+        assert s.draft_accepted <= s.draft_tokens
+        accepted += s.draft_accepted
+    assert accepted > 20          # the proposals were used, not only tried
+
+
+def test_lookup_across_a_context_shift_and_a_stop_string(smollm2_path):
+    import edgelm
+    m = edgelm.load(smollm2_path, n_ctx=64)
+    prompt = "one two three four five one two three four five one two"
+    plain = m.generate(prompt, max_tokens=100, temperature=0)
+    shifts = m.last_stats.context_shifts
+    assert shifts > 0
+    assert m.generate(prompt, max_tokens=100, temperature=0, lookup_ngram=2) == plain
+    assert m.last_stats.context_shifts > 0
+    stop = plain[20:26]
+    want = m.generate(prompt, max_tokens=100, temperature=0, stop=stop)
+    assert m.generate(prompt, max_tokens=100, temperature=0, stop=stop, lookup_ngram=2) == want
+
+
+def test_acceptance_rule_keeps_the_sampling_distribution():
+    """A proposed token kept with probability p(token), else a draw without it: the result is distributed as
+    a plain draw (chi-square over 20000 draws, for a likely and an unlikely proposal)."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(50).astype(np.float32) * 2
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, min_p=0.02, seed=123)
+    cand, probs = Sampler(params).distribution(logits, [])
+    order = np.argsort(-probs)
+    for proposal in (int(cand[order[0]]), int(cand[order[-1]])):
+        s = Sampler(params)
+        n = 20000
+        draws = [proposal if s.accepts(logits, [], proposal) else s(logits, [], exclude=proposal)
+                 for _ in range(n)]
+        counts = np.array([draws.count(int(c)) for c in cand])
+        assert counts.sum() == n                      # nothing outside the chain's candidates
+        expected = probs * n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        # 99.9th percentile of chi-square with len(cand) - 1 degrees of freedom (<= 19): 43.8
+        assert chi2 < 43.8, (proposal, chi2)
+
+
+def test_cli_lookup_flags_and_stats(smollm2_path):
+    p = run_cli("generate", "-m", smollm2_path, PROMPTS[3], "-n", "16", "--temp", "0", "--lookup-ngram", "3",
+                "--draft-max", "4", "--verbose")
+    assert p.returncode == 0, p.stderr
+    plain = run_cli("generate", "-m", smollm2_path, PROMPTS[3], "-n", "16", "--temp", "0")
+    assert p.stdout == plain.stdout
+    assert "accepted" in p.stderr
+    bad = run_cli("generate", "-m", smollm2_path, "hi", "--lookup-ngram", "0")
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
