@@ -164,6 +164,13 @@ def write_model(path, qtype, seed: int = 0, embedding_only: bool = False, shape:
     return h.hexdigest()
 
 
+def tensor_digests(path) -> dict:
+    """Per tensor of a GGUF: [its type's name, the first 16 hex digits of the SHA-256 of its bytes] (how the
+    goldens of llama.cpp's quantized files record them)."""
+    return {t.name: [T(t.tensor_type).name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]]
+            for t in gguf.GGUFReader(str(path)).tensors}
+
+
 def _rms_norm(x, w):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + RMS_EPS) * w
 

@@ -4,7 +4,6 @@ The collected sums are checked against NumPy where the activations are known wit
 layer 0's attention projections is the RMS-normed token embedding rows as gguf-py decodes them."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from edgelm.commands.quantize import quantize_file
 from edgelm.evaluate import imatrix
 from edgelm.quant import kquant_writer
 from tests.conftest import run_cli
-from tests.quant_model import RMS_EPS, T, write_model
+from tests.quant_model import RMS_EPS, T, tensor_digests, write_model
 
 N_CTX = 32
 WORDS = "the of and to in river stone light north market winter garden letter music bridge".split()
@@ -162,8 +161,7 @@ def test_quantize_with_llamacpps_imatrix_equals_llama_quantize(llamacpp_case, fm
             continue
         out = tmp_path / "q.gguf"
         quantize_file(str(model), str(out), key.split("/")[1], imatrix=str(GOLDEN / f"imatrix_llamacpp.{fmt}"))
-        got = {t.name: [T(t.tensor_type).name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]]
-               for t in gguf.GGUFReader(str(out)).tensors}
+        got = tensor_digests(out)
         assert got == want, key
 
 
@@ -201,8 +199,7 @@ def test_experts_collect_one_row_per_expert_as_llama_imatrix(llamacpp_case, moe_
 def test_quantize_experts_with_llamacpps_imatrix_equals_llama_quantize(moe_model, tmp_path):
     out = tmp_path / "q.gguf"
     quantize_file(str(moe_model), str(out), "q4_k_m", imatrix=str(GOLDEN / "imatrix_llamacpp_moe.gguf"))
-    got = {t.name: [T(t.tensor_type).name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]]
-           for t in gguf.GGUFReader(str(out)).tensors}
+    got = tensor_digests(out)
     assert got == LLAMACPP["quantized"]["moe/q4_k_m"]
 
 

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from edgelm.commands.quantize import quantize_file
-from edgelm.errors import EdgeLMError
 from edgelm.quant import kquant_writer, recipes
 from edgelm.quant.writers import encode
 from tests.conftest import run_cli
-from tests.quant_model import T, importance_case, write_model
+from tests.quant_model import T, importance_case, tensor_digests, write_model
 
 GOLDEN = json.loads(open(os.path.join(os.path.dirname(__file__), "golden", "kquant_llamacpp.json")).read())
 MODELS = {label: entry for label, entry in GOLDEN.items() if label != "importance"}
@@ -38,8 +37,7 @@ def test_file_equals_llamacpp(f16_files, tmp_path, label, file_type):
     """Every tensor: llama.cpp's type (the recipe) and llama.cpp's bytes (the writers)."""
     out = tmp_path / "out.gguf"
     quantize_file(str(f16_files[label]), str(out), file_type)
-    got = {t.name: [T(t.tensor_type).name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]]
-           for t in gguf.GGUFReader(str(out)).tensors}
+    got = tensor_digests(out)
     want = GOLDEN[label]["files"][file_type]
     assert sorted(got) == sorted(want)
     wrong_type = {n: (got[n][0], want[n][0]) for n in want if got[n][0] != want[n][0]}

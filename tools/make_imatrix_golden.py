@@ -31,13 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-from make_kquant_golden import tensor_digests  # noqa: E402
-from tests.quant_model import SHAPE, T, write_model  # noqa: E402
+from tests.quant_model import SHAPE, T, tensor_digests, write_model  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 N_CTX = 32
@@ -77,7 +76,6 @@ def main(argv=None) -> int:
                 po = os.path.join(tmp, "process-output.gguf")
                 run(os.path.join(a.llama_bin, "llama-imatrix"), "-m", src, "-f", text_path, "-o", po,
                     "-c", str(N_CTX), "-t", "2", "--no-ppl", "--process-output")
-                import gguf
                 t = {t.name: t for t in gguf.GGUFReader(po).tensors}
                 golden["process_output"] = {"in_sum2": np.asarray(t["output.weight.in_sum2"].data).tolist(),
                                             "counts": np.asarray(t["output.weight.counts"].data).tolist()}

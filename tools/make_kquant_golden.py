@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from edgelm.quant.recipes import FILE_TYPES  # noqa: E402
-from tests.quant_model import SHAPE, T, importance_case, write_model  # noqa: E402
+from tests.quant_model import SHAPE, T, importance_case, tensor_digests, write_model  # noqa: E402
 
 SHAPES = {
     "deep": dict(SHAPE, n_layer=18),
@@ -47,12 +47,6 @@ def llamacpp_quantize(src: str, dst: str, file_type: str) -> None:
     params.nthread = os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
         raise SystemExit(f"llama.cpp could not quantize {src} to {file_type}")
-
-
-def tensor_digests(path: str) -> dict:
-    import gguf
-    return {t.name: [T(t.tensor_type).name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest()[:16]]
-            for t in gguf.GGUFReader(path).tensors}
 
 
 def ggml_rows(x: np.ndarray, type_name: str, weights: np.ndarray | None) -> list[str]:

@@ -131,6 +131,33 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
             return piece, "stop"
         return piece, "length" if stats.generated_tokens == max_tokens else ""
 
+    def verify(tok: int, draft: list[int]):
+        """Evaluate tok and the proposal in one batch, output the accepted prefix, roll the session back over
+        the rest; returns (the logits after the last kept token, "" or why generation ends)."""
+        nonlocal exclude
+        base = session.n_tokens
+        verified = session.extend([tok, *draft])          # logits after tok, after each draft token
+        stats.draft_batches += 1
+        stats.draft_tokens += len(draft)
+        accepted, end = 0, ""
+        for j, d in enumerate(draft):
+            if not sampler.accepts(verified[j], history, d):
+                exclude = None if sampler.greedy else d
+                break
+            accepted += 1
+            stats.draft_accepted += 1
+            piece, end = take(d)
+            if piece:
+                yield piece
+            if end:
+                break
+        keep = base + 1 + accepted                        # held: tok and the accepted proposal
+        if session.can_resume_at(keep):
+            session.truncate(keep)
+        else:                                     # a sliding-window ring overwrote what the rollback needs
+            session.prefill(session.tokens[:keep])
+        return verified[accepted], end
+
     try:
         while stats.generated_tokens < max_tokens:
             if np.isnan(logits).any():      # only a damaged file gets here (every hyper-parameter was checked)
@@ -140,46 +167,21 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
             piece, end = take(tok)
             if piece:
                 yield piece
+            if not end:
+                if session.n_tokens >= session.n_ctx:
+                    shift_context(session, n_keep)
+                    stats.context_shifts += 1
+                room = min(max_tokens - stats.generated_tokens, session.n_ctx - session.n_tokens - 1)
+                draft = drafter.propose(history, room) if drafter is not None else []
+                if draft:
+                    logits, end = yield from verify(tok, draft)
+                else:
+                    logits = session.decode(tok)
             if end:
                 stats.stop_reason = end
                 if end == "stop":           # what the stop string held back is not output
                     return
                 break
-            if session.n_tokens >= session.n_ctx:
-                shift_context(session, n_keep)
-                stats.context_shifts += 1
-            room = min(max_tokens - stats.generated_tokens, session.n_ctx - session.n_tokens - 1)
-            draft = drafter.propose(history, room) if drafter is not None else []
-            if not draft:
-                logits = session.decode(tok)
-                continue
-            base = session.n_tokens
-            verified = session.extend([tok, *draft])          # logits after tok, after each draft token
-            stats.draft_batches += 1
-            stats.draft_tokens += len(draft)
-            accepted, end = 0, ""
-            for j, d in enumerate(draft):
-                if not sampler.accepts(verified[j], history, d):
-                    exclude = None if sampler.greedy else d
-                    break
-                accepted += 1
-                stats.draft_accepted += 1
-                piece, end = take(d)
-                if piece:
-                    yield piece
-                if end:
-                    break
-            keep = base + 1 + accepted                # held: tok and the accepted proposal
-            if session.can_resume_at(keep):
-                session.truncate(keep)
-            else:                             # a sliding-window ring overwrote what the rollback needs
-                session.prefill(session.tokens[:keep])
-            if end:
-                stats.stop_reason = end
-                if end == "stop":           # what the stop string held back is not output
-                    return
-                break
-            logits = verified[accepted]
         tail, _ = stopper.push(text.flush())
         tail += stopper.flush()
         if tail:
