@@ -437,15 +437,32 @@ def test_matvec_passes_checked():
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matmul(qtype):
+    """Batches past BATCH_ROWS: the float32 micro-kernel, within float32 rounding of the reference."""
     rng = np.random.default_rng(int(qtype) + 100)
     for n_out, n_in in shapes_for(qtype):
         raw, ref = make_tensor(qtype, n_out, n_in)
-        for m in (1, 2, 5):
+        for m in (kernels.BATCH_ROWS + 1, 2 * kernels.BATCH_ROWS + 3):
             X = rng.standard_normal((m, n_in)).astype(np.float32)
             Y = matmul(raw, qtype, n_out, n_in, X)
             assert Y.dtype == np.float32 and Y.shape == (m, n_out)
             ref64 = ref.astype(np.float64)
             _assert_close(Y, X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_small_batches_are_matvecs_bit_for_bit(qtype, matvec_passes):
+    """Up to BATCH_ROWS rows (a draft being verified, a step of several sequences) every row of the result is
+    the bits of a matvec of that row alone, in every dot-product mode, serial and threaded (matvec is
+    checked against the reference above): speculative and batched decoding then reproduce plain decoding."""
+    rng = np.random.default_rng(int(qtype) + 200)
+    for n_out, n_in in shapes_for(qtype) + [(1030, 512)]:
+        raw, _ = make_tensor(qtype, n_out, n_in, seed=9)
+        for m in (2, 3, 4, 5, 7, kernels.BATCH_ROWS):
+            X = (rng.standard_normal((m, n_in)) * np.exp(rng.uniform(-3, 3, (m, n_in)))).astype(np.float32)
+            X[1, :32] = 0.0
+            Y = matmul(raw, qtype, n_out, n_in, X)
+            for i in range(m):
+                assert np.array_equal(_bits(Y[i]), _bits(matvec(raw, qtype, n_out, n_in, X[i]))), (m, i)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q4_0, T.F16, T.MXFP4], ids=lambda t: t.name)
@@ -474,7 +491,7 @@ def test_matmul_rows_longer_than_one_k_range(qtype):
     raw, ref = make_tensor(qtype, n_out, n_in, seed=4)
     ref64 = ref.astype(np.float64)
     rng = np.random.default_rng(9)
-    for m in (2, 19):
+    for m in (kernels.BATCH_ROWS + 1, 19 + kernels.BATCH_ROWS):
         X = (rng.standard_normal((m, n_in)) * np.exp(rng.uniform(-3, 3, n_in))).astype(np.float32)
         _assert_close(matmul(raw, qtype, n_out, n_in, X), X @ ref64.T, np.abs(X).astype(np.float64) @ np.abs(ref64).T)
 
@@ -531,8 +548,9 @@ def _check_fused(outs, refs, X):
         assert y.flags.c_contiguous
         ref64 = ref.astype(np.float64)
         bound = 1e-5 * (np.abs(X64) @ np.abs(ref64).T) + 1e-30
-        if X.shape[0] == 1:
-            bound = bound + _fixed_point_bound(ref64, X[0], kernels._PASSES[0])
+        if X.shape[0] <= kernels.BATCH_ROWS:     # matvecs: each row's bound
+            fixed = [_fixed_point_bound(ref64, x, kernels._PASSES[0]) for x in X]
+            bound = bound + np.array(fixed).reshape(len(X), -1)
         err = np.abs(y.astype(np.float64) - X64 @ ref64.T)
         assert np.all(err <= bound), f"worst err / bound {np.max(err / bound):.3g}"
 

@@ -318,20 +318,32 @@ class Decoder:
     def forward(self, ids: np.ndarray, pos0: int, session, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens `ids` at positions pos0.. ; their K/V go into the session's per-layer caches.
         Returns logits (T, n_vocab) if all_logits (a new array), else the last position's (n_vocab,): a view
-        of the session's work buffer, valid until its next forward pass.
+        of the session's work buffer, valid until its next forward pass."""
+        return self.forward_rows(ids, [(session, pos0, len(ids))], session.workspace(len(ids)), all_logits)
 
-        Intermediate values live in the session's preallocated work arrays (llama2.c's RunState); what still
+    def forward_rows(self, ids: np.ndarray, groups: list, ws: "Workspace", all_logits: bool = False) -> np.ndarray:
+        """forward() of rows from one or several sessions at once: `groups` lists (session, pos0, n) in the
+        order of `ids`, n consecutive tokens of that session from position pos0 (a batch of sequences is one
+        group per sequence).  Every matrix is read once for all rows.
+
+        Up to kernels.BATCH_ROWS rows are evaluated as that many decode steps would be: each row's matvecs
+        and its attention over its own session's cache are the decode kernels' (the same bits), so verifying
+        a draft or stepping a batch of sequences gives exactly plain decoding's logits.  Longer batches are a
+        prompt: matmul and blockwise causal attention.
+
+        Intermediate values live in the preallocated work arrays `ws` (llama2.c's RunState); what still
         allocates per call: positions and RoPE cos/sin, RoPE's temporaries, LayerNorm (GPT-2), MoE routing,
         gpt-oss' clamped SwiGLU."""
         cfg = self.cfg
         T = len(ids)
-        ws = session.workspace(T)
+        positions = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in groups]) if len(groups) > 1 \
+            else np.arange(groups[0][1], groups[0][1] + T)
+        as_decode = T <= kernels.BATCH_ROWS
         with np.errstate(over="ignore"):              # exp overflow in GELU/SiLU is +inf -> 0/x, as intended
-            x = self._embed(ids, pos0, ws)
-            positions = np.arange(pos0, pos0 + T)
+            x = self._embed(ids, positions, ws)
             cos_sin = {}
             obs = self.observer
-            for L, cache in zip(self.layers, session.caches):
+            for il, L in enumerate(self.layers):
                 h = self._apply_norm(x, L.attn_norm, ws.h[:T])
                 if obs is not None:
                     obs(L.qkv.names, h)
@@ -342,9 +354,17 @@ class Decoder:
                     cos, sin = cos_sin[L.rope]
                     L.rope.apply(q, cos, sin)
                     L.rope.apply(k, cos, sin)
-                cache.store(pos0, k, v)
                 a = ws.attn[:T]
-                cache.attend(q, pos0, cfg.attn_scale, L.sinks, a)
+                r = 0
+                for session, p0, n in groups:
+                    cache = session.caches[il]
+                    cache.store(p0, k[r:r + n], v[r:r + n])
+                    if as_decode:                     # each row as its own decode step
+                        for i in range(r, r + n):
+                            cache.attend(q[i:i + 1], p0 + i - r, cfg.attn_scale, L.sinks, a[i:i + 1])
+                    else:
+                        cache.attend(q[r:r + n], p0, cfg.attn_scale, L.sinks, a[r:r + n])
+                    r += n
                 a2 = a.reshape(T, cfg.n_head * cfg.head_dim_v)
                 if obs is not None:
                     obs((L.wo.name,), a2)
@@ -358,14 +378,14 @@ class Decoder:
                 x += f
             return self._logits(x, ws, all_logits)
 
-    def _embed(self, ids, pos0: int, ws: "Workspace") -> np.ndarray:
+    def _embed(self, ids, positions: np.ndarray, ws: "Workspace") -> np.ndarray:
         T = len(ids)
         x = kernels.get_rows(self.tok_embd.raw, self.tok_embd.ggml_type, self.tok_embd.n_in, ids, out=ws.x[:T],
                              kinds=self.tok_embd.kinds)
         if self.embed_scale is not None:
             x *= self.embed_scale
         if self.pos_embd is not None:
-            x += self.pos_embd.rows(np.arange(pos0, pos0 + T))
+            x += self.pos_embd.rows(positions)
         return x
 
     def _apply_norm(self, x: np.ndarray, weights: tuple, out: np.ndarray) -> np.ndarray:

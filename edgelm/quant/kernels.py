@@ -102,6 +102,11 @@ def set_matvec_passes(passes: int) -> None:
     _PASSES[0] = int(passes)
 
 
+# Batches of up to this many rows run as matvecs sharing each weight read (matvec_batch): a draft being
+# verified or a step of several sequences gets, row for row, the bits of decoding each token alone, and
+# below ~16 rows it is faster than decoding weight tiles to float32 for the matmul micro-kernel.
+BATCH_ROWS = 16
+
 _PAR_MIN_ROWS_BYTES = 64 * 1024  # float32 bytes written by get_rows / dequantize
 # Work is split into this many chunks (numba.get_num_threads() costs ~2 us per call; if a caller
 # lowers the thread count with numba.set_num_threads, the chunks just share fewer threads).
@@ -374,28 +379,43 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
     (weight scale * S) times their float value.  The offsets (block minimums) use the float sums of x, as
     in `_dot_rows`.  Pieces rotate over _NACC_INT accumulators and short blocks are unrolled so that the
     FMA latency (4 cycles) does not bound the loop: one accumulator per block ran at ~1 block per 4 cycles."""
+    return _dot_row_int_sets(b, fmt, row, n_in, [(xqp, xscp, xsp, xbsp)], passes, pf_bytes)[0]
+
+
+def _dot_row_int_sets(b, fmt: QuantFormat, row, n_in, xsets, passes: int, pf_bytes=0):
+    """`_dot_rows_int` of one row with several activation vectors: xsets is a list of (xqp, xscp, xsp, xbsp),
+    one per vector; returns one float per vector.  The row's blocks are decoded once per step and applied
+    to every vector; each vector's arithmetic is exactly the single-vector code's, in the same order, so
+    its result is the same bits as a matvec of that vector alone (a batch of tokens = that many decodes)."""
     zero = ir.Constant(_V8F, [0.0] * _VW)
-    acc_p = [cgutils.alloca_once_value(b, zero) for _ in range(_NACC_INT)]
-    off_p = cgutils.alloca_once_value(b, zero)
+    acc_p = [[cgutils.alloca_once_value(b, zero) for _ in range(_NACC_INT)] for _ in xsets]
+    off_p = [cgutils.alloca_once_value(b, zero) for _ in xsets]
     n_steps, _ = _steps(b, fmt, n_in)
     per_step = fmt.step // LANES
     unroll = max(1, _NACC_INT // per_step)
     low = ir.Constant(_V8F, [_XQ_LOW] * _VW)
 
-    def step(i, acc, off, rot):
-        xqs = _at(b, xqp, i, fmt.step * passes)
-        xscs = _at(b, xscp, i, per_step)
-        xss = _at(b, xsp, i, per_step * _VW)
+    def step(i, accs, offs, rot):
         blk = _at(b, row, i, fmt.step_bytes)
         if pf_bytes:   # every cache line of the block (a super-block spans 2-4 lines)
             for line in range(0, fmt.step_bytes, 64):
                 _prefetch(b, b.gep(blk, [_i64(pf_bytes + line)]))
         with _formats.code_bits(16):
             pieces = list(fmt.emit(b, blk, fmt.step))
-        if fmt.scale_vectors is not None:     # Q4_K / Q5_K: scale the super-block at once
-            return _superblock(i, pieces, blk, acc, off, rot)
+        q16s = [_codes16(b, pc.lanes) for pc in pieces]
+        sv = fmt.scale_vectors(b, blk) if fmt.scale_vectors is not None else None
+        for s, (xqp, xscp, xsp, xbsp) in enumerate(xsets):
+            x = (_at(b, xqp, i, fmt.step * passes), _at(b, xscp, i, per_step), _at(b, xsp, i, per_step * _VW),
+                 _at(b, xbsp, i, per_step))
+            if sv is not None:            # Q4_K / Q5_K / Q6_K: scale the super-block at once
+                offs[s] = _superblock(x, pieces, q16s, sv, accs[s], offs[s], rot)
+            else:
+                offs[s] = _blocks(x, pieces, q16s, accs[s], offs[s], rot)
+
+    def _blocks(x, pieces, q16s, acc, off, rot):
+        xqs, xscs, xss, _ = x
         for j, pc in enumerate(pieces):
-            q16 = _codes16(b, pc.lanes)
+            q16 = q16s[j]
             sx = b.load(b.gep(xscs, [_i64(j)]))
             halves = []  # per pass: (lanes 0-15, lanes 16-31) as <8 x i32> pair sums
             for p in range(passes):
@@ -446,14 +466,14 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
             f = v if p == 0 else b.fadd(f, b.fmul(v, low))
         return f
 
-    def _superblock(i, pieces, blk, acc, off, rot):
+    def _superblock(x, pieces, q16s, sv, acc, off, rot):
         """One super-block of 8 pieces: per-piece integer sums reduced to one lane each (_sum_lanes8),
         then scaled by the format's scale vectors: 8 per-piece scales (Q4_K, Q5_K: + minimums), or 16
         per-half scales (Q6_K)."""
-        xqs = _at(b, xqp, i, fmt.step * passes)
-        scales, mins = fmt.scale_vectors(b, blk)
-        ints = [piece_ints(xqs, j, _codes16(b, pc.lanes), len(scales) == 1) for j, pc in enumerate(pieces)]
-        sx = _vload(b, _at(b, xscp, i, per_step), 0)        # the 8 blocks' activation scales
+        xqs, xscs, xss, xbss = x
+        scales, mins = sv
+        ints = [piece_ints(xqs, j, q16s[j], len(scales) == 1) for j in range(len(pieces))]
+        sx = _vload(b, xscs, 0)                             # the 8 blocks' activation scales
         k = rot % _NACC_INT
         if len(scales) == 1:
             sums = lane_sums([[ints[j][p][0] for j in range(8)] for p in range(passes)])
@@ -468,14 +488,13 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
         if mins is None:
             return off
         if isinstance(mins, list):   # per-16 minimums (Q2_K): piece j's pair against its 8 lanes of x sums
-            xss = _at(b, xsp, i, per_step * _VW)
             for j in range(len(pieces)):
                 pair = ir.Constant(ir.VectorType(_I32, _VW), [2 * (j % 4) + m // 4 for m in range(_VW)])
                 m = b.shuffle_vector(mins[j // 4], ir.Constant(_V8F, ir.Undefined), pair)
                 off = b.fsub(off, b.fmul(m, _vload(b, xss, _VW * j)))
             return off
         # the minimums (and the bias, where codes are centred: q - bias) multiply the sums of x
-        xb = _vload(b, _at(b, xbsp, i, per_step), 0)
+        xb = _vload(b, xbss, 0)
         if pieces[0].bias:
             bias = ir.Constant(_V8F, [float(pieces[0].bias)] * _VW)
             return b.fadd(off, b.fmul(b.fsub(b.fmul(scales[0], bias), mins), xb))
@@ -483,24 +502,29 @@ def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: 
 
     def run(count, first, n_per):
         with cgutils.for_range(b, count) as loop:
-            acc = [b.load(p) for p in acc_p]
-            off = b.load(off_p)
+            accs = [[b.load(p) for p in ps] for ps in acc_p]
+            offs = [b.load(p) for p in off_p]
             i0 = b.add(first, b.mul(loop.index, _i64(n_per)))
             for u in range(n_per):
-                off = step(b.add(i0, _i64(u)), acc, off, u * per_step)
-            for p, v in zip(acc_p, acc):
+                step(b.add(i0, _i64(u)), accs, offs, u * per_step)
+            for ps, acc in zip(acc_p, accs):
+                for p, v in zip(ps, acc):
+                    b.store(v, p)
+            for p, v in zip(off_p, offs):
                 b.store(v, p)
-            b.store(off, off_p)
 
     n_main = b.sdiv(n_steps, _i64(unroll))
     run(n_main, _i64(0), unroll)
     if unroll > 1:
         done = b.mul(n_main, _i64(unroll))
         run(b.sub(n_steps, done), done, 1)
-    v = b.load(off_p)
-    for p in acc_p:
-        v = b.fadd(v, b.load(p))
-    return _hsum(b, v)
+    sums = []
+    for ps, op in zip(acc_p, off_p):
+        v = b.load(op)
+        for p in ps:
+            v = b.fadd(v, b.load(p))
+        sums.append(_hsum(b, v))
+    return sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +611,96 @@ def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, p
                                                         _PF_BYTES), builder.gep(yp, [loop.index]))
 
         _per_format(builder, kid_v, body, mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_GROUP = 4   # activation vectors per decoded row in the batched matvec (4 x 5 accumulators: AVX2's 16 registers
+             # spill a little; 8 spilled more than re-decoding the row, which is in L1, costs)
+
+
+@intrinsic
+def _mv_rows_batch(typingctx, kid, addr, rb, r0, r1, n_in, m_rows, x, xs8, xbs, xq, xsc, passes, y, yoff, n_out,
+                   kinds):
+    """y[yoff + m * n_out + r] = W[r] . x_m for r in [r0, r1) and every m < m_rows: _mv_rows / _mv_rows_int
+    for a few vectors at once (x, xs8, xbs, xq, xsc hold m_rows vectors' data back to back).  Each row is
+    read from memory once and decoded once per _GROUP vectors; every result is the bits the one-vector
+    kernels give (passes 0: the float dot)."""
+    if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, m_rows, passes, yoff, n_out))
+            and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xbs, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
+            and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.ndim == 1):
+        return None
+    mask = _kinds(kinds)
+    if mask is None:
+        return None
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
+                     x, xs8, xbs, xq, xsc, types.int64, y, types.int64, types.int64, kinds)
+
+    def codegen(context, builder, signature, args):
+        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, m_v, x_v, xs_v, xbs_v, xq_v, xsc_v, passes_v, y_v, yoff_v, \
+            nout_v, _ = args
+        b = builder
+        base = b.inttoptr(addr_v, _I8P)
+        xp = _data_ptr(context, b, signature.args[7], x_v)
+        xsp = _data_ptr(context, b, signature.args[8], xs_v)
+        xbsp = _data_ptr(context, b, signature.args[9], xbs_v)
+        xqp = _data_ptr(context, b, signature.args[10], xq_v)
+        xscp = _data_ptr(context, b, signature.args[11], xsc_v)
+        yp = _data_ptr(context, b, signature.args[13], y_v, yoff_v)
+        npc = b.sdiv(n_v, _i64(32))
+
+        def out_at(m, r):
+            return b.gep(yp, [b.add(b.mul(m, nout_v), r)])
+
+        def float_rows(fmt):
+            with cgutils.for_range(b, r1_v, start=r0_v) as rows:
+                row = b.gep(base, [b.mul(rows.index, rb_v)])
+                with cgutils.for_range(b, m_v) as ms:
+                    m = ms.index
+                    (dot,) = _dot_rows(b, fmt, [row], n_v, b.gep(xp, [b.mul(m, n_v)]),
+                                       b.gep(xsp, [b.mul(m, b.mul(npc, _i64(_VW)))]), _PF_BYTES)
+                    b.store(dot, out_at(m, rows.index))
+
+        def int_rows(fmt, n_pass):
+            def xset(m):
+                return (b.gep(xqp, [b.mul(m, b.mul(n_v, _i64(n_pass)))]), b.gep(xscp, [b.mul(m, npc)]),
+                        b.gep(xsp, [b.mul(m, b.mul(npc, _i64(_VW)))]), b.gep(xbsp, [b.mul(m, npc)]))
+            n_groups = b.sdiv(m_v, _i64(_GROUP))
+            with cgutils.for_range(b, r1_v, start=r0_v) as rows:
+                row = b.gep(base, [b.mul(rows.index, rb_v)])
+                with cgutils.for_range(b, n_groups) as gs:
+                    m0 = b.mul(gs.index, _i64(_GROUP))
+                    ms = [b.add(m0, _i64(g)) for g in range(_GROUP)]
+                    dots = _dot_row_int_sets(b, fmt, row, n_v, [xset(m) for m in ms], n_pass, _PF_BYTES)
+                    for m, dot in zip(ms, dots):
+                        b.store(dot, out_at(m, rows.index))
+                # the rest (< _GROUP vectors): a pair, then a single one
+                m_pair = b.mul(n_groups, _i64(_GROUP))
+                n_rest = b.sub(m_v, m_pair)
+                with b.if_then(b.icmp_signed(">=", n_rest, _i64(2))):
+                    ms = [m_pair, b.add(m_pair, _i64(1))]
+                    for m, dot in zip(ms, _dot_row_int_sets(b, fmt, row, n_v, [xset(m) for m in ms], n_pass, 0)):
+                        b.store(dot, out_at(m, rows.index))
+                with b.if_then(b.icmp_signed("==", b.srem(n_rest, _i64(2)), _i64(1))):
+                    m = b.sub(m_v, _i64(1))
+                    (dot,) = _dot_row_int_sets(b, fmt, row, n_v, [xset(m)], n_pass, 0)
+                    b.store(dot, out_at(m, rows.index))
+
+        def body(fmt):
+            if fmt.block_size == 1:
+                float_rows(fmt)
+                return
+            with b.if_else(b.icmp_signed("==", passes_v, _i64(0))) as (flt, ints):
+                with flt:
+                    float_rows(fmt)
+                with ints:
+                    with b.if_else(b.icmp_signed("==", passes_v, _i64(1))) as (one, two):
+                        for n_pass, branch in ((1, one), (2, two)):
+                            with branch:
+                                int_rows(fmt, n_pass)
+
+        _per_format(b, kid_v, body, mask)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -805,6 +919,21 @@ def _quantize_x(x, npc, passes, xq, xsc):
                 xq[base + 32 + l] = np.int16(lo)
 
 
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _prepare_x(x, npc, passes, xs8, xbs, xq, xsc):
+    """What the matvec kernels need of x: xs8 (sums of 4 neighbours, 8 lanes per 32 elements), xbs (sums
+    per 32 elements) and, for the integer dot, xq / xsc (see _quantize_x)."""
+    for g in range(npc):
+        for lane in range(8):
+            b = 32 * g + 4 * lane
+            xs8[8 * g + lane] = (x[b] + x[b + 1]) + (x[b + 2] + x[b + 3])
+    for g in range(npc):
+        xbs[g] = ((xs8[8 * g] + xs8[8 * g + 1]) + (xs8[8 * g + 2] + xs8[8 * g + 3])) + \
+            ((xs8[8 * g + 4] + xs8[8 * g + 5]) + (xs8[8 * g + 6] + xs8[8 * g + 7]))
+    if passes:
+        _quantize_x(x, npc, passes, xq, xsc)
+
+
 def _formats_fingerprint() -> str:
     """A hash of the sources the kernels' IR comes from (the format table and the lattice lookups)."""
     h = hashlib.sha256()
@@ -828,19 +957,11 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
         passes 0: the float dot; 1 or 2: the integer dot with x in `passes` int16 codes per element."""
         fingerprint  # noqa: B018  (part of the cache key, see module docstring)
         npc = n_in // 32
-        xs8 = np.empty(npc * 8, np.float32)  # sums of x per 32 elements, 8 lanes of 4 neighbours each
-        for g in range(npc):
-            for lane in range(8):
-                b = 32 * g + 4 * lane
-                xs8[8 * g + lane] = (x[b] + x[b + 1]) + (x[b + 2] + x[b + 3])
-        xbs = np.empty(npc, np.float32)      # sums of x per 32 elements
-        for g in range(npc):
-            xbs[g] = ((xs8[8 * g] + xs8[8 * g + 1]) + (xs8[8 * g + 2] + xs8[8 * g + 3])) + \
-                ((xs8[8 * g + 4] + xs8[8 * g + 5]) + (xs8[8 * g + 6] + xs8[8 * g + 7]))
+        xs8 = np.empty(npc * 8, np.float32)
+        xbs = np.empty(npc, np.float32)
         xq = np.empty(max(passes, 1) * npc * 32, np.int16)
         xsc = np.empty(npc, np.float32)
-        if passes:
-            _quantize_x(x, npc, passes, xq, xsc)
+        _prepare_x(x, npc, passes, xs8, xbs, xq, xsc)
         nmat = plan.shape[0]
         if not parallel:
             for j in range(nmat):
@@ -864,6 +985,40 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
                                      plan[j, 4], kinds)
                     else:
                         _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, y, plan[j, 4], kinds)
+
+    @njit(cache=True, parallel=True, fastmath=_FASTMATH)
+    def matvec_batch_kernel(plan, n_in, X, Y, nchunks, parallel, passes):
+        """Y segment j (M, n_out_j), at Y[M * row0_j:], = X @ W_j.T for a few rows X (M, n_in): the matvec of
+        each row (the same bits), with every weight row read once for all of them."""
+        fingerprint  # noqa: B018
+        M = X.shape[0]
+        npc = n_in // 32
+        xs8 = np.empty(M * npc * 8, np.float32)
+        xbs = np.empty(M * npc, np.float32)
+        nq = max(passes, 1) * npc * 32
+        xq = np.empty(M * nq, np.int16)
+        xsc = np.empty(M * npc, np.float32)
+        for m in range(M):
+            _prepare_x(X[m], npc, passes, xs8[m * npc * 8:(m + 1) * npc * 8], xbs[m * npc:(m + 1) * npc],
+                       xq[m * nq:(m + 1) * nq], xsc[m * npc:(m + 1) * npc])
+        x = X.reshape(M * n_in)
+        nmat = plan.shape[0]
+        if not parallel:
+            for j in range(nmat):
+                _mv_rows_batch(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, M, x, xs8, xbs, xq, xsc,
+                               passes, Y, M * plan[j, 4], plan[j, 3], kinds)
+            return
+        total = plan[nmat - 1, 5] + plan[nmat - 1, 3] * plan[nmat - 1, 1]
+        for t in prange(nchunks):
+            lo = total * t // nchunks
+            hi = total * (t + 1) // nchunks
+            for j in range(nmat):
+                rb, b0 = plan[j, 1], plan[j, 5]
+                r0 = min(plan[j, 3], max(0, (lo - b0 + rb - 1) // rb))
+                r1 = min(plan[j, 3], max(0, (hi - b0 + rb - 1) // rb))
+                if r0 < r1:
+                    _mv_rows_batch(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, M, x, xs8, xbs, xq, xsc, passes, Y,
+                                   M * plan[j, 4], plan[j, 3], kinds)
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
     def matmul_kernel(plan, n_in, X, Y, nthreads, tile_rows):
@@ -930,7 +1085,8 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
         for i in prange(ids.shape[0]):
             _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in, kinds)
 
-    return SimpleNamespace(matvec=matvec_kernel, matmul=matmul_kernel, rows=rows_kernel)
+    return SimpleNamespace(matvec=matvec_kernel, matvec_batch=matvec_batch_kernel, matmul=matmul_kernel,
+                           rows=rows_kernel)
 
 
 _FINGERPRINT = _formats_fingerprint()
@@ -1049,7 +1205,8 @@ class FusedLinear:
     T == 1 runs the matvec kernel, T > 1 the matmul kernel.
     """
 
-    __slots__ = ("plan", "n_in", "n_outs", "n_total", "kinds", "_k", "_keep", "_bounds", "_parallel", "_tile_rows")
+    __slots__ = ("plan", "n_in", "n_outs", "n_total", "kinds", "_k", "_keep", "_bounds", "_parallel", "_work",
+                 "_tile_rows")
 
     def __init__(self, weights: Sequence, n_in: int, kinds: int = 0):
         self.plan, self._keep, self.n_outs = _plan(weights, n_in)
@@ -1059,8 +1216,8 @@ class FusedLinear:
         self.n_total = int(sum(self.n_outs))
         ends = np.cumsum(self.n_outs)
         self._bounds = tuple(zip((0,) + tuple(int(e) for e in ends[:-1]), (int(e) for e in ends)))
-        self._parallel = sum(_work(int(r[_P_KID]), int(r[_P_NOUT]) * self.n_in)
-                             for r in self.plan) >= _PAR_MIN_WORK
+        self._work = sum(_work(int(r[_P_KID]), int(r[_P_NOUT]) * self.n_in) for r in self.plan)
+        self._parallel = self._work >= _PAR_MIN_WORK
         self._tile_rows = _matmul_tile_rows(self.n_in)
 
     def _out(self, m: int, out):
@@ -1092,7 +1249,10 @@ class FusedLinear:
             y = y.reshape(1, -1)
             return tuple([y[:, a:b] for a, b in self._bounds])
         y = self._out(m, out)
-        if m:
+        if m <= BATCH_ROWS:   # a few tokens (a draft to verify, a batch of sequences): matvecs sharing the reads
+            self._k.matvec_batch(self.plan, self.n_in, X, y, _NCHUNKS, self._parallel or m * self._work >= _PAR_MIN_WORK,
+                                 _PASSES[0])
+        else:
             self._k.matmul(self.plan, self.n_in, X, y, _NCHUNKS, self._tile_rows)
         return tuple([y[m * a:m * b].reshape(m, b - a) for a, b in self._bounds])
 
@@ -1128,10 +1288,14 @@ def matmul(raw: np.ndarray, ggml_type: int, n_out: int, n_in: int, X: np.ndarray
     """Y = X @ W.T for a batch X (M, n_in) float32; Y is (M, n_out) float32."""
     plan, _ = _single_plan(raw, ggml_type, n_out, n_in)
     X = _activations(X, 2, n_in)
-    out = _output(out, (X.shape[0], n_out))
-    if X.shape[0]:
-        _kernels(kinds | 1 << int(plan[0, _P_KID])).matmul(plan, n_in, X, out.reshape(-1), _NCHUNKS,
-                                                           _matmul_tile_rows(n_in))
+    m = X.shape[0]
+    out = _output(out, (m, n_out))
+    k = _kernels(kinds | 1 << int(plan[0, _P_KID]))
+    if m <= BATCH_ROWS:
+        k.matvec_batch(plan, n_in, X, out.reshape(-1), _NCHUNKS,
+                       _work(int(plan[0, _P_KID]), m * n_out * n_in) >= _PAR_MIN_WORK, _PASSES[0])
+    else:
+        k.matmul(plan, n_in, X, out.reshape(-1), _NCHUNKS, _matmul_tile_rows(n_in))
     return out
 
 
