@@ -51,8 +51,9 @@ class Conversation:
 
     def __init__(self, model, system: str | None = None, template: ChatTemplate | None = None,
                  params: SamplingParams | None = None, max_tokens: int = -1, stop: list[str] | None = None,
-                 session=None):
+                 session=None, drafter=None):
         self.model = model
+        self.drafter = drafter                # speculative decoding of the replies (runtime/speculative.py)
         self.session = session or model.session
         self.template = template or template_for(model.gguf.metadata, model.tokenizer)
         self.system = system
@@ -98,7 +99,7 @@ class Conversation:
         pieces: list[str] = []
         for piece in stream_tokens(self.model, self.session, ids, n, self.params, self.stop, stats,
                                    n_keep=system_prefix(self.model, self.template, sys_msg, ids),
-                                   reuse_by_shift=True):
+                                   reuse_by_shift=True, drafter=self.drafter):
             pieces.append(piece)
             yield piece
         reply = "".join(pieces)
@@ -299,7 +300,7 @@ def _check_messages(messages) -> list[dict]:
 
 def chat_completion(model, messages, stream: bool = False, max_tokens: int | None = None,
                     stop: str | list[str] | None = None, chat_template: str | None = None, session=None,
-                    **sampling):
+                    drafter=None, **sampling):
     """OpenAI-style chat completion (the shape llama-cpp-python's create_chat_completion returns). Messages
     that do not fit lose their oldest turns (leading system messages stay); a max_tokens beyond the room
     left shifts the context."""
@@ -315,7 +316,7 @@ def chat_completion(model, messages, stream: bool = False, max_tokens: int | Non
     stats = model.last_stats = GenerationStats()
     # the exact prefix is reused; not a shifted run (its K/V carry dropped context): same messages, same reply
     pieces = stream_tokens(model, session, ids, n, params, stops, stats,
-                           n_keep=system_prefix(model, template, system, ids))
+                           n_keep=system_prefix(model, template, system, ids), drafter=drafter)
     meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model.path)
 
     def finish():

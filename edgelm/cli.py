@@ -168,6 +168,24 @@ _stats_option = click.option("--stats", "-v", "--verbose", "stats", is_flag=True
                                   "-v/--verbose is the same flag.")
 
 
+def speculation_options(f):
+    """Speculative decoding flags shared by generate and chat (llama.cpp's names)."""
+    for opt in reversed([
+        click.option("--lookup-ngram", type=int, default=None, metavar="N",
+                     help="Prompt-lookup speculative decoding: propose what followed the last N..1 tokens earlier "
+                          "in the text, verified in one batch (same output at --temp 0)."),
+        click.option("-md", "--model-draft", default=None, metavar="MODEL",
+                     help="Speculative decoding with this smaller model (same vocabulary) proposing tokens "
+                          "(GGUF path or catalog name; same output at --temp 0)."),
+        click.option("--draft-max", type=int, default=8, show_default=True, metavar="K",
+                     help="Tokens proposed at most per step."),
+        click.option("--draft-min", type=int, default=0, show_default=True, metavar="K",
+                     help="Shorter proposals are not verified."),
+    ]):
+        f = opt(f)
+    return f
+
+
 class _LazyHelpOption(click.Option):
     """An option whose help text is built when --help is printed: the cache types come from the runtime's
     storage table, which is not imported (with Numba) just to parse a command line."""
@@ -215,26 +233,54 @@ BASE_MODEL_REPLY_CAP = 256
 @_cache_type_option("-ctk", "--cache-type-k", "keys")
 @_cache_type_option("-ctv", "--cache-type-v", "values")
 @click.option("--special", is_flag=True, help="Parse control tokens written in the prompt (e.g. <|im_start|>).")
-@click.option("--lookup-ngram", type=int, default=None, metavar="N",
-              help="Prompt-lookup speculative decoding: propose what followed the last N..1 tokens earlier in the "
-                   "text, verified in one batch (same output at --temp 0).")
-@click.option("--draft-max", type=int, default=8, show_default=True, metavar="K",
-              help="Tokens proposed at most per step (with --lookup-ngram).")
+@speculation_options
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Generate for every prompt in this file, one per line (a .jsonl file: a JSON string or "
+                   "{\"prompt\": ...} per line); one output line per prompt, in order.")
+@click.option("-np", "--parallel", type=_param("n_parallel", "N"), default=8, show_default=True,
+              help="With --file: sequences decoded together in one batch.")
+@click.option("--output-format", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="With --file: text (each completion on one line, newlines written as \\n) or jsonl.")
 @_stats_option
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
-             threads, cache_type_k, cache_type_v, special, lookup_ngram, draft_max, stats):
+             threads, cache_type_k, cache_type_v, special, lookup_ngram, model_draft, draft_max, draft_min,
+             prompt_file, parallel, output_format, stats):
     """Continue PROMPT (read from stdin when omitted) and stream the text."""
-    if prompt is None:
+    if prompt_file is not None:
+        if prompt is not None:
+            raise EdgeLMError("give a PROMPT or --file, not both")
+        if lookup_ngram is not None or model_draft is not None:
+            raise EdgeLMError("--file runs a batch without speculation (drop --lookup-ngram / --model-draft)")
+        prompts = read_prompt_file(prompt_file)
+    elif prompt is None:
         if sys.stdin.isatty():
             raise EdgeLMError("no prompt: pass it as an argument or on standard input")
         prompt = sys.stdin.read()
     t0 = time.perf_counter()
     m = _load(model, ctx, threads, cache_type_k, cache_type_v)
+    draft = _load(model_draft, m.n_ctx, threads, cache_type_k, cache_type_v) if model_draft else None
     load_s = time.perf_counter() - t0
-    pieces = m.generate(clean_text(prompt), max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
-                        min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-                        stop=[clean_text(x) for x in stop], stream=True, parse_special=special,
-                        lookup_ngram=lookup_ngram, draft_max=draft_max)
+    sampling = dict(max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                    stop=[clean_text(x) for x in stop], parse_special=special)
+    if prompt_file is not None:
+        texts = m.generate([clean_text(p) for p in prompts], n_parallel=parallel, **sampling)
+        for p, text in zip(prompts, texts):
+            if output_format == "jsonl":
+                line = json.dumps({"prompt": p, "completion": text}, ensure_ascii=False)
+            else:
+                line = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if stats:
+            s = m.last_stats
+            click.echo(f"[ load: {load_s:.2f} s | {len(prompts)} prompts, {min(parallel, len(prompts))} in parallel | prompt: "
+                       f"{s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | generation: {s.generated_tokens} "
+                       f"tokens in {s.steps} steps, {s.generate_tps:.1f} t/s in total | peak RSS: "
+                       f"{peak_rss_bytes() / 2**20:.0f} MiB ]", err=True)
+        return
+    pieces = m.generate(clean_text(prompt), stream=True, lookup_ngram=lookup_ngram, draft_model=draft,
+                        draft_max=draft_max, draft_min=draft_min, **sampling)
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -250,9 +296,40 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
         click.echo(f"[ load: {load_s:.2f} s | prompt: {s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | "
                    f"generation: {s.generated_tokens} tokens, {s.generate_tps:.1f} t/s | "
                    f"peak RSS: {peak_rss_bytes() / 2**20:.0f} MiB | stop: {s.stop_reason} ]", err=True)
-        if lookup_ngram is not None:
-            click.echo(f"[ lookup: {s.draft_tokens} proposed in {s.draft_batches} batches, {s.draft_accepted} "
-                       f"accepted ({100 * s.acceptance_rate:.0f} %) ]", err=True)
+        _echo_draft_stats(s, "lookup" if lookup_ngram is not None else "draft model" if draft else None)
+
+
+def _echo_draft_stats(s, kind: str | None) -> None:
+    if kind:
+        click.echo(f"[ {kind}: {s.draft_tokens} proposed in {s.draft_batches} batches, {s.draft_accepted} "
+                   f"accepted ({100 * s.acceptance_rate:.0f} %) ]", err=True)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a --file: lines of text, or of a .jsonl file JSON strings / {"prompt": ...} objects."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise EdgeLMError(f"{path}: cannot read the prompt file ({e.strerror or e})") from None
+    text = raw.decode("utf-8", "surrogateescape")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise EdgeLMError(f"{path}: the prompt file holds no prompts")
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            v = json.loads(line)
+        except ValueError:
+            raise EdgeLMError(f"{path}:{n}: not a JSON value (a .jsonl prompt file holds one per line)") from None
+        if isinstance(v, dict):
+            v = v.get("prompt")
+        if not isinstance(v, str):
+            raise EdgeLMError(f"{path}:{n}: expected a JSON string or an object with a \"prompt\" string")
+        prompts.append(v)
+    return prompts
 
 
 @cli.command()
@@ -269,14 +346,17 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
 @_cache_type_option("-ctv", "--cache-type-v", "values")
 @click.option("--chat-template", default=None,
               help="Built-in template name (chatml, gemma, llama3, phi3) or a Jinja file; default: the model's own.")
+@speculation_options
 @_stats_option
 def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, n_predict, stop, ctx,
-         threads, cache_type_k, cache_type_v, chat_template, stats):
+         threads, cache_type_k, cache_type_v, chat_template, lookup_ngram, model_draft, draft_max, draft_min, stats):
     """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
     from .chat import Conversation
     from .chat_template import template_for
     from .commands.repl import Repl
     m = _load(model, ctx, threads, cache_type_k, cache_type_v)
+    draft = _load(model_draft, m.n_ctx, threads, cache_type_k, cache_type_v) if model_draft else None
+    drafter = m._drafter(lookup_ngram, draft, draft_max, draft_min)
     template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
     flags = _sampling_flags(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, seed=seed)
@@ -291,7 +371,8 @@ def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n
             n_predict = BASE_MODEL_REPLY_CAP
             sources["num_predict"] = "cap for a base model"
     conv = Conversation(m, system=clean_text(system) if system else None, template=template, params=params,
-                        max_tokens=-1 if n_predict is None else n_predict, stop=[clean_text(x) for x in stop])
+                        max_tokens=-1 if n_predict is None else n_predict, stop=[clean_text(x) for x in stop],
+                        drafter=drafter)
     sys.exit(Repl(conv, os.path.basename(m.path), stats=stats, sources=sources, notes=notes).run())
 
 

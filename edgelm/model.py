@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
 
 import numpy as np
 import psutil
@@ -114,49 +113,101 @@ class Model:
         return (session or self.session).decode(token).copy()
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 repeat_penalty: float | None = None, repeat_last_n: int | None = None, seed: int | None = None,
-                 stop: str | list[str] | None = None, stream: bool = False, add_special: bool = True,
-                 parse_special: bool = False, session: Session | None = None,
-                 n_keep: int | None = None, lookup_ngram: int | None = None,
-                 draft_max: int = 8) -> str | Iterator[str]:
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], max_tokens: int = 128,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repeat_penalty: float | None = None, repeat_last_n: int | None = None,
+                 seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
+                 add_special: bool = True, parse_special: bool = False, session: Session | None = None,
+                 n_keep: int | None = None, lookup_ngram: int | None = None, draft_model: "Model | None" = None,
+                 draft_max: int = 8, draft_min: int = 0, n_parallel: int = 8):
         """Continue `prompt` (text, or token ids). Returns the text, or with stream=True an iterator of pieces.
         Sampling keywords left at None take the model's defaults (`sampling_defaults`); max_tokens -1 runs
         until an end token or a full context. Asked for more tokens than the context holds, the context is
         shifted (llama.cpp's context shift): the first n_keep tokens stay (default: the BOS, if the model adds
-        one), the older half of the rest is dropped. lookup_ngram N: prompt-lookup speculative decoding (up to
-        draft_max tokens proposed from the latest earlier match of the last N..1 tokens, verified in one batch;
-        the same output as without at temperature 0, the same distribution otherwise). Statistics of the last
-        call are in `model.last_stats` (with the proposals' acceptance)."""
+        one), the older half of the rest is dropped.
+
+        Speculative decoding (the same output as without at temperature 0, the same distribution otherwise):
+        lookup_ngram N proposes up to draft_max tokens from the latest earlier match of the last N..1 tokens;
+        draft_model (a Model with the same vocabulary) proposes them by greedy decoding in its own session.
+        Either way the proposal is verified in one batched pass; draft_min: shorter proposals are not tried.
+
+        A list of prompts (texts, or lists of token ids) is generated as a batch, up to n_parallel sequences
+        decoded together (one forward pass per step for all): returns the list of texts, or with stream=True
+        an iterator of (prompt index, piece). Each text is what generating its prompt alone gives.
+
+        Statistics of the last call are in `model.last_stats` (a batch's: totals, and per prompt in
+        `.sequences`; speculation's: proposals and their acceptance)."""
         max_tokens = check_value("num_predict", max_tokens, "max_tokens")
         params = self.sampling_defaults.with_(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                               seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if _is_batch(prompt):
+            if lookup_ngram is not None or draft_model is not None or session is not None:
+                raise EdgeLMError("a batch of prompts is generated without speculation and in its own sessions "
+                                  "(lookup_ngram, draft_model and session apply to one prompt)")
+            return self._generate_batch(prompt, max_tokens, params, stops, add_special, parse_special, n_keep,
+                                        n_parallel, stream)
+        ids = self._prompt_ids(prompt, add_special, parse_special)
+        session = session or self.session
+        session.check_fits(len(ids))
+        n_keep = self._n_keep(ids, n_keep)
+        if max_tokens < 0:
+            max_tokens = self.n_ctx - len(ids)
+        stats = self.last_stats = GenerationStats()
+        drafter = self._drafter(lookup_ngram, draft_model, draft_max, draft_min)
+        pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep,
+                               drafter=drafter)
+        return pieces if stream else "".join(pieces)
+
+    def _prompt_ids(self, prompt, add_special: bool, parse_special: bool) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_special, parse_special)
         else:
-            ids = list(prompt)
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+                raise EdgeLMError("a prompt is a text or a list of token ids (ints)")
+            ids = [int(t) for t in prompt]
         if not ids:
             raise EdgeLMError("the prompt is empty (and the model adds no BOS token)")
-        session = session or self.session
-        session.check_fits(len(ids))
+        return ids
+
+    def _n_keep(self, ids: list[int], n_keep: int | None) -> int:
         if n_keep is None:
             n_keep = 1 if self.tokenizer.add_bos and ids[0] == self.tokenizer.bos_id else 0
         if isinstance(n_keep, bool) or not isinstance(n_keep, (int, np.integer)) or not 0 <= n_keep < self.n_ctx:
             raise EdgeLMError(f"n_keep: expected an integer from 0 to {self.n_ctx - 1} (the context size - 1), "
                               f"got {n_keep!r}")
-        if max_tokens < 0:
-            max_tokens = self.n_ctx - len(ids)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        stats = self.last_stats = GenerationStats()
-        drafter = None
+        return int(n_keep)
+
+    def _drafter(self, lookup_ngram, draft_model, draft_max: int, draft_min: int):
+        """The proposal rule of speculative decoding (runtime/speculative.py), or None."""
+        if lookup_ngram is not None and draft_model is not None:
+            raise EdgeLMError("choose one kind of speculation: lookup_ngram or draft_model, not both")
+        from .runtime.speculative import DraftModel, PromptLookup
         if lookup_ngram is not None:
-            from .runtime.speculative import PromptLookup
-            drafter = PromptLookup(lookup_ngram, draft_max)
-        pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep,
-                               drafter=drafter)
-        return pieces if stream else "".join(pieces)
+            return PromptLookup(lookup_ngram, draft_max, draft_min)
+        if draft_model is not None:
+            return DraftModel(self, draft_model, draft_max, draft_min)
+        return None
+
+    def _generate_batch(self, prompts, max_tokens, params, stops, add_special, parse_special, n_keep,
+                        n_parallel, stream):
+        from .runtime.batch import BatchStats, generate_batch
+        n_parallel = check_value("n_parallel", n_parallel)
+        all_ids = [self._prompt_ids(p, add_special, parse_special) for p in prompts]
+        for ids in all_ids:
+            self.session.check_fits(len(ids))
+        keeps = [self._n_keep(ids, n_keep) for ids in all_ids]
+        if max_tokens < 0:
+            max_tokens = self.n_ctx
+        stats = self.last_stats = BatchStats()
+        pieces = generate_batch(self, all_ids, max_tokens, params, stops, int(n_parallel), keeps, stats)
+        if stream:
+            return pieces
+        texts = [""] * len(all_ids)
+        for i, piece in pieces:
+            texts[i] += piece
+        return texts
 
     def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = None,
              stop: str | list[str] | None = None, chat_template: str | None = None, session: Session | None = None,
@@ -164,13 +215,18 @@ class Model:
         """OpenAI-style chat completion: `r.choices[0].message.content`, `r.usage`; with stream=True an iterator
         of chunks whose `choices[0].delta` carries the text. Sampling keywords as in generate(); those left out
         (or None) take the model's defaults. Messages that do not fit the context lose their oldest turns (the
-        system message stays); a reply longer than the room left shifts the context."""
+        system message stays); a reply longer than the room left shifts the context. Speculative decoding as in
+        generate(): lookup_ngram=, draft_model=, draft_max=, draft_min=."""
         from .chat import chat_completion
         if max_tokens is not None:
             check_value("num_predict", max_tokens, "max_tokens")
+        spec = {k: sampling.pop(k) for k in ("lookup_ngram", "draft_model", "draft_max", "draft_min") if k in sampling}
+        drafter = self._drafter(spec.get("lookup_ngram"), spec.get("draft_model"), spec.get("draft_max", 8),
+                                spec.get("draft_min", 0))
         self.sampling_defaults.with_(**sampling)    # a bad keyword is a one-line error before any work
         return chat_completion(self, messages, stream=stream, max_tokens=max_tokens, stop=stop,
-                               chat_template=chat_template, session=session or self.session, **sampling)
+                               chat_template=chat_template, session=session or self.session, drafter=drafter,
+                               **sampling)
 
     create_chat_completion = chat   # the name llama-cpp-python users know
 
@@ -211,3 +267,10 @@ def _catalog_entry_for(path: str):
         return None
     name = os.path.basename(path)
     return next((e for e in CATALOG.values() if e.filename == name and e.size == size), None)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of texts or of id lists (a list of ints is one prompt's token ids)."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(p, str) or (isinstance(p, (list, tuple)) or (isinstance(p, np.ndarray) and p.ndim == 1))
+        for p in prompt)

@@ -1,13 +1,15 @@
-"""Speculative decoding with prompt lookup (runtime/speculative.py): the output of plain decoding, token for
-token at temperature 0, in distribution when sampling."""
+"""Speculative decoding with prompt lookup and with a draft model (runtime/speculative.py): the output of plain
+decoding, token for token at temperature 0, in distribution when sampling."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edgelm.errors import EdgeLMError
 from edgelm.runtime.sampling import Sampler, SamplingParams
-from edgelm.runtime.speculative import PromptLookup
+from edgelm.runtime.speculative import DraftModel, PromptLookup, check_vocabularies
 from tests.conftest import run_cli
 
 TEXT = ("The river runs north past the old market, under the stone bridge, and out to the winter garden. "
@@ -19,6 +21,13 @@ PROMPTS = [
     "one two three four five one two three four five one two",
     "Write a short story about a cat.",               # little to look up: most steps propose nothing
 ]
+
+
+def fresh(m, prompt, **kw):
+    """generate() in a new session: the prompt evaluated whole, as in the other run it is compared with (a
+    reused cached prefix changes how the prompt is batched, and a batch of more than kernels.BATCH_ROWS
+    tokens is a float32 matmul, not the decode kernels' integer dot: equal to float rounding, not to the bit)."""
+    return m.generate(prompt, session=m.create_session(), **kw)
 
 
 def test_lookup_proposes_what_followed_the_latest_match():
@@ -37,9 +46,9 @@ def test_greedy_lookup_is_plain_decoding_token_for_token(request, model_name):
     m = request.getfixturevalue(model_name)
     accepted = 0
     for prompt in PROMPTS:
-        plain = m.generate(prompt, max_tokens=40, temperature=0)
+        plain = fresh(m, prompt, max_tokens=40, temperature=0)
         plain_stats = m.last_stats
-        fast = m.generate(prompt, max_tokens=40, temperature=0, lookup_ngram=3, draft_max=6)
+        fast = fresh(m, prompt, max_tokens=40, temperature=0, lookup_ngram=3, draft_max=6)
         s = m.last_stats
         assert fast == plain, prompt
         assert s.generated_tokens == plain_stats.generated_tokens and s.stop_reason == plain_stats.stop_reason
@@ -52,14 +61,14 @@ def test_lookup_across_a_context_shift_and_a_stop_string(smollm2_path):
     import edgelm
     m = edgelm.load(smollm2_path, n_ctx=64)
     prompt = "one two three four five one two three four five one two"
-    plain = m.generate(prompt, max_tokens=100, temperature=0)
+    plain = fresh(m, prompt, max_tokens=100, temperature=0)
     shifts = m.last_stats.context_shifts
     assert shifts > 0
-    assert m.generate(prompt, max_tokens=100, temperature=0, lookup_ngram=2) == plain
+    assert fresh(m, prompt, max_tokens=100, temperature=0, lookup_ngram=2) == plain
     assert m.last_stats.context_shifts > 0
     stop = plain[20:26]
-    want = m.generate(prompt, max_tokens=100, temperature=0, stop=stop)
-    assert m.generate(prompt, max_tokens=100, temperature=0, stop=stop, lookup_ngram=2) == want
+    want = fresh(m, prompt, max_tokens=100, temperature=0, stop=stop)
+    assert fresh(m, prompt, max_tokens=100, temperature=0, stop=stop, lookup_ngram=2) == want
 
 
 def test_acceptance_rule_keeps_the_sampling_distribution():
@@ -92,3 +101,56 @@ def test_cli_lookup_flags_and_stats(smollm2_path):
     assert "accepted" in p.stderr
     bad = run_cli("generate", "-m", smollm2_path, "hi", "--lookup-ngram", "0")
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
+
+
+# -- a draft model ----------------------------------------------------------------------------------------------
+
+def test_greedy_draft_model_is_plain_decoding_token_for_token(smollm2, smollm2_path):
+    """SmolLM2 drafting for itself (every proposal right) and with llama.cpp's p_min: the output of plain decoding,
+    and a self-draft's proposals are all accepted (its logits are the target's, to the bit)."""
+    import edgelm
+    from edgelm.runtime.generate import GenerationStats, stream_tokens
+    draft = edgelm.load(smollm2_path)
+    for prompt in PROMPTS[:3]:
+        plain = fresh(smollm2, prompt, max_tokens=32, temperature=0)
+        assert fresh(smollm2, prompt, max_tokens=32, temperature=0, draft_model=draft, draft_max=4) == plain
+        s = smollm2.last_stats
+        assert s.draft_accepted <= s.draft_tokens
+    drafter = DraftModel(smollm2, draft, draft_max=5, p_min=0.0)
+    stats = GenerationStats()
+    ids = smollm2.tokenize(PROMPTS[0])
+    text = "".join(stream_tokens(smollm2, smollm2.create_session(), ids, 32, SamplingParams(temperature=0), [],
+                                 stats, drafter=drafter))
+    assert text == fresh(smollm2, PROMPTS[0], max_tokens=32, temperature=0)
+    assert stats.draft_tokens > 0
+    # every proposal is kept; one that ends in an end token stops there, the rest of it unverified
+    assert stats.draft_tokens - stats.draft_accepted <= (4 if stats.stop_reason == "eos" else 0)
+
+
+def test_draft_model_vocabulary_must_match(smollm2, gemma):
+    with pytest.raises(EdgeLMError, match="does not share the vocabulary.*tokenizer is spm"):
+        smollm2.generate("hi", max_tokens=2, draft_model=gemma)
+
+    def fake(tokens, kind="bpe", bos=1, eos=2):
+        tok = SimpleNamespace(kind=kind, n_vocab=len(tokens), tokens=tokens, bos_id=bos, eos_id=eos, add_bos=True)
+        return SimpleNamespace(tokenizer=tok, path=f"{kind}-{len(tokens)}.gguf")
+    words = [f"w{i}" for i in range(300)]
+    check_vocabularies(fake(words), fake(list(words)))
+    check_vocabularies(fake(words), fake(words[:200]))                 # within llama.cpp's 128-token slack
+    with pytest.raises(EdgeLMError, match="token 7 is 'x'"):
+        check_vocabularies(fake(words), fake(words[:7] + ["x"] + words[8:]))
+    with pytest.raises(EdgeLMError, match="vocabulary has 150 tokens"):
+        check_vocabularies(fake(words), fake(words[:150]))
+    with pytest.raises(EdgeLMError, match="BOS/EOS"):
+        check_vocabularies(fake(words), fake(words, eos=3))
+
+
+def test_cli_model_draft(smollm2_path, gemma_path):
+    prompt = PROMPTS[0]
+    plain = run_cli("generate", "-m", smollm2_path, prompt, "-n", "12", "--temp", "0")
+    p = run_cli("generate", "-m", smollm2_path, prompt, "-n", "12", "--temp", "0", "--model-draft", smollm2_path,
+                "--draft-max", "3", "-v")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == plain.stdout and "draft model:" in p.stderr
+    bad = run_cli("generate", "-m", smollm2_path, "hi", "--model-draft", gemma_path)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "vocabulary" in bad.stderr

@@ -188,6 +188,9 @@ class Repl:
             s = last.stats
             self.dim(f"[ prompt: {s.prompt_evaluated} tokens, {s.prompt_tps:.1f} t/s | "
                      f"generation: {s.generated_tokens} tokens, {s.generate_tps:.1f} t/s ]")
+            if s.draft_batches:
+                self.dim(f"[ speculation: {s.draft_tokens} proposed in {s.draft_batches} batches, "
+                         f"{s.draft_accepted} accepted ({100 * s.acceptance_rate:.0f} %) ]")
 
     # -- commands -----------------------------------------------------------------------------------
     def command(self, line: str) -> str | None:

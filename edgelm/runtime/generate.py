@@ -97,6 +97,48 @@ class StopMatcher:
         return out
 
 
+class Sequence:
+    """One output being generated: its sampler, the ids so far, the text decoded from them and the stop strings
+    still being matched.  The decode loop (stream_tokens) and the batch loop (runtime/batch.py) feed it."""
+
+    def __init__(self, model, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+                 stop: list[str] | None, stats: GenerationStats):
+        self.sampler = Sampler(params)
+        self.end_ids = model.tokenizer.end_of_generation_ids
+        self.history = list(prompt_ids)
+        self.max_tokens = max_tokens
+        self.stats = stats
+        self.text = StreamDecoder(model.tokenizer.token_bytes)
+        self.stopper = StopMatcher(stop or [])
+        self.path = model.path
+        stats.prompt_tokens = len(prompt_ids)
+        stats.stop_reason = "length"
+
+    def sample(self, logits: np.ndarray, exclude: int | None = None) -> int:
+        if np.isnan(logits).any():      # only a damaged file gets here (every hyper-parameter was checked)
+            raise EdgeLMError(f"{self.path}: the model computed NaN logits: its weights are damaged")
+        return self.sampler(logits, self.history, exclude)
+
+    def take(self, tok: int) -> tuple[str, str]:
+        """Account for an output token: (text to yield, "" or why generation ends here)."""
+        if tok in self.end_ids:
+            return "", "eos"
+        self.history.append(tok)
+        self.stats.generated_tokens += 1
+        piece, stopped = self.stopper.push(self.text.push(tok))
+        if stopped:
+            return piece, "stop"
+        return piece, "length" if self.stats.generated_tokens >= self.max_tokens else ""
+
+    def finish(self, end: str) -> str:
+        """Generation ended (`end`: eos, stop, length): the text still held back, if it is output."""
+        self.stats.stop_reason = end
+        if end == "stop":               # what the stop string held back is not output
+            return ""
+        tail, _ = self.stopper.push(self.text.flush())
+        return tail + self.stopper.flush()
+
+
 def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                   stop: list[str] | None, stats: GenerationStats, n_keep: int = 0,
                   reuse_by_shift: bool = False, drafter=None) -> Iterator[str]:
@@ -105,31 +147,14 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
     n_keep tokens stay, the older half of the rest goes (llama.cpp examples/main: n_discard = (n_past -
     n_keep) / 2). drafter: speculative decoding (runtime/speculative.py): after each sampled token its
     proposal is verified in one batched pass and the longest accepted prefix kept."""
-    sampler = Sampler(params)
-    end_ids = model.tokenizer.end_of_generation_ids
+    seq = Sequence(model, prompt_ids, max_tokens, params, stop, stats)
     t0 = time.perf_counter()
     if reuse_by_shift:
         session.shift_to_reuse(prompt_ids)
     logits = session.prefill(prompt_ids, stats)
     stats.prompt_s = time.perf_counter() - t0
-    stats.prompt_tokens = len(prompt_ids)
-    history = list(prompt_ids)
-    text = StreamDecoder(model.tokenizer.token_bytes)
-    stopper = StopMatcher(stop or [])
     t1 = time.perf_counter()
-    stats.stop_reason = "length"
     exclude = None            # a rejected proposal: the next token is drawn without it (speculative.py)
-
-    def take(tok: int) -> tuple[str, str]:
-        """Account for an output token: (text to yield, "" or why generation ends here)."""
-        if tok in end_ids:
-            return "", "eos"
-        history.append(tok)
-        stats.generated_tokens += 1
-        piece, stopped = stopper.push(text.push(tok))
-        if stopped:
-            return piece, "stop"
-        return piece, "length" if stats.generated_tokens == max_tokens else ""
 
     def verify(tok: int, draft: list[int]):
         """Evaluate tok and the proposal in one batch, output the accepted prefix, roll the session back over
@@ -141,16 +166,17 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
         stats.draft_tokens += len(draft)
         accepted, end = 0, ""
         for j, d in enumerate(draft):
-            if not sampler.accepts(verified[j], history, d):
-                exclude = None if sampler.greedy else d
+            if not seq.sampler.accepts(verified[j], seq.history, d):
+                exclude = None if seq.sampler.greedy else d
                 break
             accepted += 1
             stats.draft_accepted += 1
-            piece, end = take(d)
+            piece, end = seq.take(d)
             if piece:
                 yield piece
             if end:
                 break
+        drafter.accepted(accepted, len(draft))
         keep = base + 1 + accepted                        # held: tok and the accepted proposal
         if session.can_resume_at(keep):
             session.truncate(keep)
@@ -159,12 +185,11 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
         return verified[accepted], end
 
     try:
-        while stats.generated_tokens < max_tokens:
-            if np.isnan(logits).any():      # only a damaged file gets here (every hyper-parameter was checked)
-                raise EdgeLMError(f"{model.path}: the model computed NaN logits: its weights are damaged")
-            tok = sampler(logits, history, exclude)
+        end = "" if max_tokens > 0 else "length"
+        while not end:
+            tok = seq.sample(logits, exclude)
             exclude = None
-            piece, end = take(tok)
+            piece, end = seq.take(tok)
             if piece:
                 yield piece
             if not end:
@@ -172,18 +197,12 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
                     shift_context(session, n_keep)
                     stats.context_shifts += 1
                 room = min(max_tokens - stats.generated_tokens, session.n_ctx - session.n_tokens - 1)
-                draft = drafter.propose(history, room) if drafter is not None else []
+                draft = drafter.propose(seq.history, room) if drafter is not None else []
                 if draft:
                     logits, end = yield from verify(tok, draft)
                 else:
                     logits = session.decode(tok)
-            if end:
-                stats.stop_reason = end
-                if end == "stop":           # what the stop string held back is not output
-                    return
-                break
-        tail, _ = stopper.push(text.flush())
-        tail += stopper.flush()
+        tail = seq.finish(end)
         if tail:
             yield tail
     finally:

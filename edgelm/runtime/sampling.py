@@ -30,6 +30,7 @@ _RULES: dict[str, tuple[bool, Callable[[float], bool], str]] = {
     "num_predict": (True, lambda v: v >= -1, "an integer >= -1 (-1 = no limit)"),
     "n_ctx": (True, lambda v: v >= 1, "an integer >= 1"),
     "threads": (True, lambda v: v >= 1, "an integer >= 1"),
+    "n_parallel": (True, lambda v: v >= 1, "an integer >= 1"),
 }
 PARAMETER_NAMES = tuple(_RULES)
 

@@ -140,9 +140,12 @@ class Session:
         self._one[0] = token
         pos = self.n_tokens
         logits = self.decoder.forward(self._one, pos, self)
+        self._appended(token, pos)
+        return logits
+
+    def _appended(self, token: int, pos: int) -> None:
         self.tokens.append(token)
         self._written(pos + 1)
-        return logits
 
     def extend(self, ids) -> np.ndarray:
         """Evaluate `ids` after the held tokens in one batch: every position's logits (len, n_vocab), a new
@@ -267,6 +270,24 @@ class Session:
         except OSError as e:
             raise EdgeLMError(f"{path}: cannot read the session file ({e.strerror or e})") from None
         return s
+
+
+def decode_many(sessions: list[Session], tokens: list[int], workspace) -> np.ndarray:
+    """Session i evaluates tokens[i] after its held ones, all in one forward pass (the weights read once for
+    every session): logits (n, n_vocab), a new array; row i is what sessions[i].decode(tokens[i]) returns, to
+    the bit.  `workspace`: the decoder's work arrays for len(tokens) rows (Decoder.workspace)."""
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise EdgeLMError("decode_many: each session may take one token per step")
+    groups = []
+    for s, tok in zip(sessions, tokens):
+        s.check_fits(s.n_tokens + 1)
+        if not 0 <= tok < s.model.config.n_vocab:
+            s._check_ids([tok])
+        groups.append((s, s.n_tokens, 1))
+    logits = sessions[0].decoder.forward_rows(np.asarray(tokens, np.int64), groups, workspace, all_logits=True)
+    for s, tok in zip(sessions, tokens):
+        s._appended(int(tok), s.n_tokens)
+    return logits
 
 
 MAGIC = b"EDGELMSS"

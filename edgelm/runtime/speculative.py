@@ -23,21 +23,27 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import EdgeLMError
 
 
+def _check_count(label: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= 64:
+        raise EdgeLMError(f"{label}: expected an integer from {lo} to 64, got {v!r}")
+    return int(v)
+
+
 @dataclass
 class PromptLookup:
     ngram_max: int = 3
     draft_max: int = 8
+    draft_min: int = 0      # a match offering fewer tokens is not proposed
 
     def __post_init__(self):
-        for name, label in (("ngram_max", "lookup_ngram"), ("draft_max", "draft_max")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 64:
-                raise EdgeLMError(f"{label}: expected an integer from 1 to 64, got {v!r}")
+        _check_count("lookup_ngram", self.ngram_max, 1)
+        _check_count("draft_max", self.draft_max, 1)
+        _check_count("draft_min", self.draft_min, 0)
 
     def propose(self, history: list[int], limit: int) -> list[int]:
         """Up to min(draft_max, limit) tokens that followed the latest earlier match of history's tail."""
         limit = min(limit, self.draft_max)
-        if limit < 1 or len(history) < 2:
+        if limit < max(1, self.draft_min) or len(history) < 2:
             return []
         arr = np.asarray(history, dtype=np.int64)
         for n in range(min(self.ngram_max, len(arr) - 1), 0, -1):
@@ -47,5 +53,80 @@ class PromptLookup:
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if len(hits):
                 start = int(hits[-1]) + n
-                return arr[start:start + limit].tolist()
+                draft = arr[start:start + limit].tolist()
+                return draft if len(draft) >= self.draft_min else []
         return []
+
+    def accepted(self, n_accepted: int, n_proposed: int) -> None:
+        """Told after each verification how much of the proposal was kept (a fixed proposal rule ignores it)."""
+
+
+# llama.cpp common/common.h, common_params_speculative: p_min = 0.75 (stop drafting once the draft model's top
+# token is less likely than this), n_min = 0; common/speculative.cpp compares vocabularies from token id 5 on
+# and allows sizes to differ by up to 128 (SPEC_VOCAB_CHECK_START_TOKEN_ID, SPEC_VOCAB_MAX_SIZE_DIFFERENCE).
+DRAFT_P_MIN = 0.75
+_DRAFT_TOP_K = 10          # common/speculative.cpp: the draft's sampler keeps the top 10 (its p is among those)
+_VOCAB_MAX_SIZE_DIFFERENCE = 128
+
+
+class DraftModel:
+    """Proposals from a smaller model with the same vocabulary: it decodes greedily, in its own session, from the
+    text so far, and stops at draft_max tokens or where its top token's probability drops below p_min (a guess
+    it is unsure of is likely to be rejected, and verifying it costs a row).  Its session keeps the text, so
+    each proposal evaluates only what is new (the kept tokens of the last verification)."""
+
+    def __init__(self, target, draft, draft_max: int = 8, draft_min: int = 0, p_min: float = DRAFT_P_MIN):
+        self.draft_max = _check_count("draft_max", draft_max, 1)
+        self.draft_min = _check_count("draft_min", draft_min, 0)
+        if not isinstance(p_min, (int, float)) or isinstance(p_min, bool) or not 0.0 <= p_min <= 1.0:
+            raise EdgeLMError(f"draft_p_min: expected a probability from 0 to 1, got {p_min!r}")
+        check_vocabularies(target, draft)
+        self.model, self.p_min = draft, float(p_min)
+        self.session = draft.create_session()
+        self.n_vocab = min(target.config.n_vocab, draft.config.n_vocab)
+
+    def propose(self, history: list[int], limit: int) -> list[int]:
+        limit = min(limit, self.draft_max)
+        if limit < max(1, self.draft_min):
+            return []
+        s = self.session
+        context = history[-(s.n_ctx - limit):]      # past the draft's context: the latest tokens
+        logits = s.prefill(context)
+        draft: list[int] = []
+        while True:
+            z = logits[:self.n_vocab]
+            tok = int(np.argmax(z))
+            if self.p_min > 0:               # the top token's share among the 10 best, as llama.cpp's draft sampler
+                best = np.partition(z, len(z) - _DRAFT_TOP_K)[-_DRAFT_TOP_K:].astype(np.float64)
+                p_top = 1.0 / float(np.exp(best - float(z[tok])).sum())
+                if p_top < self.p_min:
+                    break
+            draft.append(tok)
+            if len(draft) >= limit:
+                break
+            logits = s.decode(tok)
+        return draft if len(draft) >= self.draft_min else []
+
+    def accepted(self, n_accepted: int, n_proposed: int) -> None:
+        """The draft session holds the proposal; the next prefill keeps what the target kept."""
+
+
+def check_vocabularies(target, draft) -> None:
+    """Refuse a draft model whose token ids do not mean what the target's mean (one line naming both files)."""
+    tt, td = target.tokenizer, draft.tokenizer
+    name_t, name_d = target.path, draft.path
+    rule = None
+    if tt.kind != td.kind:
+        rule = f"its tokenizer is {td.kind}, the model's is {tt.kind}"
+    elif abs(tt.n_vocab - td.n_vocab) > _VOCAB_MAX_SIZE_DIFFERENCE:
+        rule = f"its vocabulary has {td.n_vocab} tokens, the model's {tt.n_vocab}"
+    elif (tt.bos_id, tt.eos_id, tt.add_bos) != (td.bos_id, td.eos_id, td.add_bos):
+        rule = (f"its BOS/EOS ids are {td.bos_id}/{td.eos_id} (add BOS: {td.add_bos}), the model's "
+                f"{tt.bos_id}/{tt.eos_id} (add BOS: {tt.add_bos})")
+    else:
+        n = min(tt.n_vocab, td.n_vocab)
+        diff = next((i for i in range(5, n) if tt.tokens[i] != td.tokens[i]), None)
+        if diff is not None:
+            rule = f"token {diff} is {td.tokens[diff]!r} there, {tt.tokens[diff]!r} in the model"
+    if rule:
+        raise EdgeLMError(f"draft model {name_d} does not share the vocabulary of {name_t}: {rule}")
