@@ -181,6 +181,8 @@ def speculation_options(f):
                      help="Tokens proposed at most per step."),
         click.option("--draft-min", type=int, default=0, show_default=True, metavar="K",
                      help="Shorter proposals are not verified."),
+        click.option("--draft-p-min", type=float, default=0.75, show_default=True, metavar="P",
+                     help="With --model-draft: stop a proposal where the draft's top token is less likely than P."),
     ]):
         f = opt(f)
     return f
@@ -244,7 +246,7 @@ BASE_MODEL_REPLY_CAP = 256
 @_stats_option
 def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, ctx,
              threads, cache_type_k, cache_type_v, special, lookup_ngram, model_draft, draft_max, draft_min,
-             prompt_file, parallel, output_format, stats):
+             draft_p_min, prompt_file, parallel, output_format, stats):
     """Continue PROMPT (read from stdin when omitted) and stream the text."""
     if prompt_file is not None:
         if prompt is not None:
@@ -280,7 +282,7 @@ def generate(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty
                        f"{peak_rss_bytes() / 2**20:.0f} MiB ]", err=True)
         return
     pieces = m.generate(clean_text(prompt), stream=True, lookup_ngram=lookup_ngram, draft_model=draft,
-                        draft_max=draft_max, draft_min=draft_min, **sampling)
+                        draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, **sampling)
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -349,14 +351,15 @@ def read_prompt_file(path: str) -> list[str]:
 @speculation_options
 @_stats_option
 def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, n_predict, stop, ctx,
-         threads, cache_type_k, cache_type_v, chat_template, lookup_ngram, model_draft, draft_max, draft_min, stats):
+         threads, cache_type_k, cache_type_v, chat_template, lookup_ngram, model_draft, draft_max, draft_min,
+         draft_p_min, stats):
     """Talk with a model. Type /? for commands, Ctrl-D or /bye to leave."""
     from .chat import Conversation
     from .chat_template import template_for
     from .commands.repl import Repl
     m = _load(model, ctx, threads, cache_type_k, cache_type_v)
     draft = _load(model_draft, m.n_ctx, threads, cache_type_k, cache_type_v) if model_draft else None
-    drafter = m._drafter(lookup_ngram, draft, draft_max, draft_min)
+    drafter = m._drafter(lookup_ngram, draft, draft_max, draft_min, draft_p_min)
     template = template_for(m.gguf.metadata, m.tokenizer, chat_template)
     flags = _sampling_flags(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, seed=seed)
@@ -507,6 +510,9 @@ def _output_format(v, opt):
               help="Prompt sizes to process (ppN tests); 0 = none.")
 @click.option("-n", "--n-gen", "n_gen", type=_int_list(0), default="128", show_default=True,
               help="Generation lengths (tgN tests); 0 = none.")
+@click.option("-np", "--parallel", "n_parallel", type=_int_list(1), default="1", show_default=True,
+              help="Sequences generating together in the tg tests (batched generation, llama-batched-bench's "
+                   "total t/s), comma-separated.")
 @click.option("-d", "--n-depth", "n_depth", type=_int_list(0), default="0", show_default=True,
               help="Tokens already in the cache before each test (llama-bench's depth; its evaluation is not "
                    "timed), comma-separated.")
@@ -522,8 +528,8 @@ def _output_format(v, opt):
               show_default=True, help="md table, one JSON array, JSON lines, or CSV.")
 @click.option("--no-warmup", is_flag=True, help="Skip the untimed warm-up run of each test.")
 @click.option("--progress", is_flag=True, help="A line on stderr per run (by default only on a terminal).")
-def bench(models, n_prompt, n_gen, n_depth, cache_type_k, cache_type_v, threads, reps, ctx, fmt, no_warmup,
-          progress):
+def bench(models, n_prompt, n_gen, n_parallel, n_depth, cache_type_k, cache_type_v, threads, reps, ctx, fmt,
+          no_warmup, progress):
     """Measure prompt processing (ppN) and generation (tgN) speed in tokens/s, like llama-bench.
 
     ppN evaluates N random token ids; tgN runs N single-token decode steps (after a 1-token prompt at depth 0).
@@ -549,7 +555,7 @@ def bench(models, n_prompt, n_gen, n_depth, cache_type_k, cache_type_v, threads,
     try:
         for rec in run_bench(paths, n_prompt, n_gen, threads, reps, ctx, warmup=not no_warmup,
                              progress=say if (live or progress) else None, n_depth=n_depth,
-                             type_k=cache_type_k, type_v=cache_type_v):
+                             type_k=cache_type_k, type_v=cache_type_v, n_parallel=n_parallel):
             if live and width[0]:   # clear the progress line before a table row lands on a shared terminal
                 sys.stderr.write("\r" + " " * width[0] + "\r")
                 sys.stderr.flush()

@@ -119,7 +119,7 @@ class Model:
                  seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
                  add_special: bool = True, parse_special: bool = False, session: Session | None = None,
                  n_keep: int | None = None, lookup_ngram: int | None = None, draft_model: "Model | None" = None,
-                 draft_max: int = 8, draft_min: int = 0, n_parallel: int = 8):
+                 draft_max: int = 8, draft_min: int = 0, draft_p_min: float = 0.75, n_parallel: int = 8):
         """Continue `prompt` (text, or token ids). Returns the text, or with stream=True an iterator of pieces.
         Sampling keywords left at None take the model's defaults (`sampling_defaults`); max_tokens -1 runs
         until an end token or a full context. Asked for more tokens than the context holds, the context is
@@ -128,8 +128,9 @@ class Model:
 
         Speculative decoding (the same output as without at temperature 0, the same distribution otherwise):
         lookup_ngram N proposes up to draft_max tokens from the latest earlier match of the last N..1 tokens;
-        draft_model (a Model with the same vocabulary) proposes them by greedy decoding in its own session.
-        Either way the proposal is verified in one batched pass; draft_min: shorter proposals are not tried.
+        draft_model (a Model with the same vocabulary) proposes them by greedy decoding in its own session,
+        stopping where its top token's probability (among its 10 best) is below draft_p_min. Either way the
+        proposal is verified in one batched pass; draft_min: shorter proposals are not tried.
 
         A list of prompts (texts, or lists of token ids) is generated as a batch, up to n_parallel sequences
         decoded together (one forward pass per step for all): returns the list of texts, or with stream=True
@@ -155,7 +156,7 @@ class Model:
         if max_tokens < 0:
             max_tokens = self.n_ctx - len(ids)
         stats = self.last_stats = GenerationStats()
-        drafter = self._drafter(lookup_ngram, draft_model, draft_max, draft_min)
+        drafter = self._drafter(lookup_ngram, draft_model, draft_max, draft_min, draft_p_min)
         pieces = stream_tokens(self, session, ids, max_tokens, params, stops, stats, n_keep=n_keep,
                                drafter=drafter)
         return pieces if stream else "".join(pieces)
@@ -179,7 +180,7 @@ class Model:
                               f"got {n_keep!r}")
         return int(n_keep)
 
-    def _drafter(self, lookup_ngram, draft_model, draft_max: int, draft_min: int):
+    def _drafter(self, lookup_ngram, draft_model, draft_max: int = 8, draft_min: int = 0, draft_p_min: float = 0.75):
         """The proposal rule of speculative decoding (runtime/speculative.py), or None."""
         if lookup_ngram is not None and draft_model is not None:
             raise EdgeLMError("choose one kind of speculation: lookup_ngram or draft_model, not both")
@@ -187,7 +188,7 @@ class Model:
         if lookup_ngram is not None:
             return PromptLookup(lookup_ngram, draft_max, draft_min)
         if draft_model is not None:
-            return DraftModel(self, draft_model, draft_max, draft_min)
+            return DraftModel(self, draft_model, draft_max, draft_min, draft_p_min)
         return None
 
     def _generate_batch(self, prompts, max_tokens, params, stops, add_special, parse_special, n_keep,
@@ -216,13 +217,13 @@ class Model:
         of chunks whose `choices[0].delta` carries the text. Sampling keywords as in generate(); those left out
         (or None) take the model's defaults. Messages that do not fit the context lose their oldest turns (the
         system message stays); a reply longer than the room left shifts the context. Speculative decoding as in
-        generate(): lookup_ngram=, draft_model=, draft_max=, draft_min=."""
+        generate(): lookup_ngram=, draft_model=, draft_max=, draft_min=, draft_p_min=."""
         from .chat import chat_completion
         if max_tokens is not None:
             check_value("num_predict", max_tokens, "max_tokens")
-        spec = {k: sampling.pop(k) for k in ("lookup_ngram", "draft_model", "draft_max", "draft_min") if k in sampling}
-        drafter = self._drafter(spec.get("lookup_ngram"), spec.get("draft_model"), spec.get("draft_max", 8),
-                                spec.get("draft_min", 0))
+        spec = {k: sampling.pop(k) for k in ("lookup_ngram", "draft_model", "draft_max", "draft_min", "draft_p_min")
+                if k in sampling}
+        drafter = self._drafter(**spec)
         self.sampling_defaults.with_(**sampling)    # a bad keyword is a one-line error before any work
         return chat_completion(self, messages, stream=stream, max_tokens=max_tokens, stop=stop,
                                chat_template=chat_template, session=session or self.session, drafter=drafter,

@@ -47,8 +47,9 @@ def ensure_compiled(model) -> None:
         return
     log.warning("compiling edgelm's kernels for this machine (first run only, this takes a little while)...")
     s = model.create_session()                 # a scratch session: the model's default one stays untouched
-    ids = [1 % model.config.n_vocab, 2 % model.config.n_vocab]
-    s.prefill(ids)                             # prefill path: matmul, blockwise attention
+    from .quant.kernels import BATCH_ROWS
+    ids = [(1 + i) % model.config.n_vocab for i in range(BATCH_ROWS + 1)]
+    s.prefill(ids)                             # prefill path (more than BATCH_ROWS): matmul, blockwise attention
     s.decode(ids[0])                           # decode path: matvec, serial decode attention
     _compile_parallel_decode_attention(s)
     del s

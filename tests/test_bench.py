@@ -90,6 +90,18 @@ def test_jsonl_cross_product(smollm2_path):
     assert all(r["n_ctx"] >= 8 + 3 for r in recs)
 
 
+def test_parallel_generation_tests(smollm2_path):
+    """-np: tg tests with several sequences decoding together, t/s counting every sequence's tokens; pp tests
+    are not repeated per sequence count."""
+    out = _ok(run_cli("bench", "-m", smollm2_path, "-p", "8", "-n", "4", "-np", "1,3", "-r", "1", "-o", "jsonl"))
+    recs = [json.loads(ln) for ln in out.splitlines()]
+    assert [(r["n_prompt"], r["n_gen"], r["n_parallel"]) for r in recs] == [(8, 0, 1), (0, 4, 1), (0, 4, 3)]
+    tg3 = recs[2]
+    assert abs(tg3["avg_ts"] - 3 * 4 * 1e9 / tg3["avg_ns"]) < 1e-6 * tg3["avg_ts"]
+    md = _ok(run_cli("bench", "-m", smollm2_path, "-p", "0", "-n", "2", "-np", "2", "-r", "1"))
+    assert "tg2 x2" in md
+
+
 def test_csv(smollm2_path):
     out = _ok(run_cli("bench", "-m", smollm2_path, "-p", "8", "-n", "2", "-r", "2", "-c", "64", "-o", "csv"))
     rows = list(csv.DictReader(io.StringIO(out)))

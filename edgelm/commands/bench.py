@@ -138,9 +138,10 @@ def cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
-def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
-    """"pp512", "tg128", "pp512 @ d4096": llama-bench's markdown test column (markdown_printer::print_test)."""
-    name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+def test_name(n_prompt: int, n_gen: int, n_depth: int = 0, n_parallel: int = 1) -> str:
+    """"pp512", "tg128", "pp512 @ d4096": llama-bench's markdown test column (markdown_printer::print_test);
+    "tg128 x8": 8 sequences generating together (a batched-generation test, t/s counts all of them)."""
+    name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}" + (f" x{n_parallel}" if n_parallel > 1 else "")
     return name + (f" @ d{n_depth}" if n_depth else "")
 
 
@@ -149,10 +150,11 @@ class BenchTest:
     n_prompt: int
     n_gen: int
     n_depth: int = 0
+    n_parallel: int = 1        # tg: sequences decoded together, each in its own session
 
     @property
     def name(self) -> str:
-        return test_name(self.n_prompt, self.n_gen, self.n_depth)
+        return test_name(self.n_prompt, self.n_gen, self.n_depth, self.n_parallel)
 
     @property
     def n_context(self) -> int:
@@ -164,11 +166,13 @@ class BenchTest:
         return self.n_context + self.n_prompt + self.n_gen
 
 
-def plan_tests(n_prompt: list[int], n_gen: list[int], n_depth: list[int] = (0,)) -> list[BenchTest]:
+def plan_tests(n_prompt: list[int], n_gen: list[int], n_depth: list[int] = (0,),
+               n_parallel: list[int] = (1,)) -> list[BenchTest]:
     """For each depth: each non-zero prompt size is a pp test, then each non-zero generation length a tg test
-    (0 skips) — llama-bench's order (get_cmd_params_instances: depth outside, pp then tg inside)."""
+    (0 skips) — llama-bench's order (get_cmd_params_instances: depth outside, pp then tg inside) — once per
+    number of parallel sequences."""
     tests = [BenchTest(p, 0, d) for d in n_depth for p in n_prompt if p > 0]
-    tests += [BenchTest(0, n, d) for d in n_depth for n in n_gen if n > 0]
+    tests += [BenchTest(0, n, d, b) for d in n_depth for n in n_gen if n > 0 for b in n_parallel]
     tests.sort(key=lambda t: n_depth.index(t.n_depth))          # stable: pp before tg within a depth
     if not tests:
         raise EdgeLMError("nothing to measure: -p and -n are both 0")
@@ -220,6 +224,17 @@ def time_generation(session, context: list[int], ids: list[int]) -> int:
     return time.perf_counter_ns() - t
 
 
+def time_batch_generation(sessions, workspace, context: list[int], ids: list[list[int]]) -> int:
+    """Nanoseconds for len(ids[0]) steps of every session decoding its own token in one pass (decode_many)."""
+    from ..runtime.session import decode_many
+    for s in sessions:
+        restore_context(s, context)
+    t = time.perf_counter_ns()
+    for step in zip(*ids):
+        decode_many(sessions, list(step), workspace)
+    return time.perf_counter_ns() - t
+
+
 def run_test(model, test: BenchTest, reps: int, rng: np.random.Generator, warmup: bool = True,
              on_rep: Callable[[int], None] | None = None, context: list[int] | None = None) -> list[int]:
     """Sample times in ns of `reps` runs of `test` on the model's default session (after an untimed warm-up
@@ -232,9 +247,16 @@ def run_test(model, test: BenchTest, reps: int, rng: np.random.Generator, warmup
     if context is None:
         context = _random_ids(rng, test.n_context, n_vocab, bos if bos is not None else int(rng.integers(0, n_vocab)))
 
+    if test.n_parallel > 1:
+        sessions = [session] + [model.create_session() for _ in range(test.n_parallel - 1)]
+        workspace = model.decoder.workspace(test.n_parallel)
+
     def one_run(n: int) -> int:
         if test.n_prompt:
             return time_prompt(session, context, _random_ids(rng, n, n_vocab, bos))
+        if test.n_parallel > 1:
+            return time_batch_generation(sessions, workspace, context,
+                                         [_random_ids(rng, n, n_vocab, None) for _ in sessions])
         return time_generation(session, context, _random_ids(rng, n, n_vocab, None))
 
     if warmup:
@@ -248,7 +270,7 @@ def run_test(model, test: BenchTest, reps: int, rng: np.random.Generator, warmup
 
 
 def make_record(info: dict, test: BenchTest, n_threads: int, samples_ns: list[int], load_s: float) -> dict:
-    n = test.n_prompt or test.n_gen
+    n = test.n_prompt or test.n_gen * test.n_parallel
     samples_ns = [max(int(s), 1) for s in samples_ns]
     samples_ts = [n * 1e9 / s for s in samples_ns]
     return {
@@ -257,6 +279,7 @@ def make_record(info: dict, test: BenchTest, n_threads: int, samples_ns: list[in
         "n_prompt": test.n_prompt,
         "n_gen": test.n_gen,
         "n_depth": test.n_depth,
+        "n_parallel": test.n_parallel,
         "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "avg_ns": round(mean(samples_ns)),
         "stddev_ns": round(stdev(samples_ns)),
@@ -300,7 +323,8 @@ def default_threads() -> int:
 def run_bench(paths: list[str], n_prompt: list[int], n_gen: list[int], threads: list[int] | None = None,
               reps: int = 5, n_ctx: int | None = None, warmup: bool = True, seed: int = 0,
               progress: Callable[[str], None] | None = None, n_depth: list[int] = (0,),
-              type_k: list[str] = ("f16",), type_v: list[str] = ("f16",)) -> Iterator[dict]:
+              type_k: list[str] = ("f16",), type_v: list[str] = ("f16",),
+              n_parallel: list[int] = (1,)) -> Iterator[dict]:
     """Yield one record per (model, type_k, type_v, threads, depth, test), in llama-bench's order (models
     outermost, then cache types, threads, depths, and within a depth the pp tests before the tg tests). The
     model is loaded once per cache-type pair, with a context of at least every test's depth + p + n (default
@@ -309,7 +333,7 @@ def run_bench(paths: list[str], n_prompt: list[int], n_gen: list[int], threads: 
     if reps < 1:
         raise EdgeLMError(f"-r: repetitions must be at least 1, got {reps}")
     n_depth, type_k, type_v = list(n_depth), list(type_k), list(type_v)
-    tests = plan_tests(n_prompt, n_gen, n_depth)
+    tests = plan_tests(n_prompt, n_gen, n_depth, list(n_parallel))
     threads = threads or [default_threads()]
     n_ctx = _context_size(tests, n_ctx, n_prompt, n_gen, n_depth)
     _check_threads(threads)
@@ -430,7 +454,7 @@ def _md_value(r: dict, field: str) -> str:
     if field == "params":
         return _fmt_params(r["model_n_params"])
     if field == "test":
-        return test_name(r["n_prompt"], r["n_gen"], r.get("n_depth", 0))
+        return test_name(r["n_prompt"], r["n_gen"], r.get("n_depth", 0), r.get("n_parallel", 1))
     if field == "t/s":
         return f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"
     return str(r[field])
@@ -450,8 +474,8 @@ def md_footer(records: list[dict]) -> str:
 
 CSV_FIELDS = ["build_commit", "cpu_info", "backends", "model_filename", "model_type", "model_size",
               "model_n_params", "n_batch", "n_ctx", "n_threads", "type_k", "type_v", "use_mmap", "n_prompt",
-              "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
-              "samples_ts", "peak_rss_bytes", "load_s"]
+              "n_gen", "n_depth", "n_parallel", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
+              "samples_ns", "samples_ts", "peak_rss_bytes", "load_s"]
 
 
 def csv_line(values: list) -> str:

@@ -18,8 +18,13 @@ Structure
     builds it once; `matvec` / `matmul` build a one-row plan per call.  One kernel call computes a
     whole plan in ONE parallel region, whatever mix of types it holds (gemma's q/k are Q5_0 and v
     is Q8_0): the work is split by weight bytes (matvec) or rows (matmul) across the matrices.
+  * matvec takes one activation row (decode) or up to BATCH_ROWS (a draft being verified, a step of
+    several sequences): each weight row is read once and decoded once per group of up to 4 activation
+    rows, and a row's result is the same bits whatever the batch (so speculative and batched decoding
+    give exactly plain decoding's logits).  Longer batches (prompts) go to matmul.
   * Intrinsics do the per-type work, generated from `formats.FORMATS`:
-      _mv_rows(kid, addr, row_bytes, r0, r1, n_in, x, xs8, y, y_off)   y[y_off + r] = W[r] . x
+      _mv_rows(kid, addr, row_bytes, r0, r1, n_in, M, x, ..., y, y_off, n_out)
+                                                      y[y_off + m * n_out + r] = W[r] . x_m, m < M
       _decode_row(kid, addr, row_bytes, r, n_in, dst, off)             W[r] -> dst[off : off+n_in]
     Each emits one `switch` on the ggml type id with one vectorised loop per type, for the types in
     the kernel's `kinds` mask (a compile-time constant, `numba.literally`): a model compiles its kernels
@@ -373,20 +378,17 @@ def _sum_lanes8(b, vs):
     return pairs(v[0], v[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
 
 
-def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xqp, xscp, xsp, xbsp, passes: int, pf_bytes=0):
-    """The dot product of one quantized row with x given in fixed point (int16 codes xqp, 32 * passes per
-    block of 32, and the block scales xscp): per piece, integer sums of codes times codes (exact), then
-    (weight scale * S) times their float value.  The offsets (block minimums) use the float sums of x, as
-    in `_dot_rows`.  Pieces rotate over _NACC_INT accumulators and short blocks are unrolled so that the
-    FMA latency (4 cycles) does not bound the loop: one accumulator per block ran at ~1 block per 4 cycles."""
-    return _dot_row_int_sets(b, fmt, row, n_in, [(xqp, xscp, xsp, xbsp)], passes, pf_bytes)[0]
+def _dot_rows_int(b, fmt: QuantFormat, row, n_in, xsets, passes: int, pf_bytes=0):
+    """The dot products of one quantized row with activation vectors given in fixed point: xsets lists, per
+    vector, (xqp: int16 codes, 32 * passes per block of 32; xscp: the block scales; xsp, xbsp: sums of x);
+    returns one float per vector.  Per piece, integer sums of codes times codes (exact), then (weight scale *
+    S) times their float value; the offsets (block minimums) use the float sums of x, as in `_dot_rows`.
+    Pieces rotate over _NACC_INT accumulators and short blocks are unrolled so that the FMA latency (4 cycles)
+    does not bound the loop: one accumulator per block ran at ~1 block per 4 cycles.
 
-
-def _dot_row_int_sets(b, fmt: QuantFormat, row, n_in, xsets, passes: int, pf_bytes=0):
-    """`_dot_rows_int` of one row with several activation vectors: xsets is a list of (xqp, xscp, xsp, xbsp),
-    one per vector; returns one float per vector.  The row's blocks are decoded once per step and applied
-    to every vector; each vector's arithmetic is exactly the single-vector code's, in the same order, so
-    its result is the same bits as a matvec of that vector alone (a batch of tokens = that many decodes)."""
+    The row's blocks are decoded once per step and applied to every vector; each vector's arithmetic is the
+    same code in the same order whatever the number of vectors, so its result is the same bits as with that
+    vector alone (a batch of tokens gives what that many decode steps give)."""
     zero = ir.Constant(_V8F, [0.0] * _VW)
     acc_p = [[cgutils.alloca_once_value(b, zero) for _ in range(_NACC_INT)] for _ in xsets]
     off_p = [cgutils.alloca_once_value(b, zero) for _ in xsets]
@@ -540,93 +542,17 @@ def _is_f32(t, ndim=None):
             and (ndim is None or t.ndim == ndim))
 
 
-@intrinsic
-def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, y, yoff, kinds):
-    """y[yoff + r] = W[r] . x for r in [r0, r1); W at address `addr`, `rb` bytes per row."""
-    if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, yoff))
-            and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(y, 1)):
-        return None
-    mask = _kinds(kinds)
-    if mask is None:
-        return None
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                     x, xs8, y, types.int64, kinds)
-
-    def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, y_v, yoff_v, _ = args
-        base = builder.inttoptr(addr_v, _I8P)
-        xp = _data_ptr(context, builder, signature.args[6], x_v)
-        xsp = _data_ptr(context, builder, signature.args[7], xs_v)
-        yp = _data_ptr(context, builder, signature.args[8], y_v, yoff_v)
-
-        def body(fmt):
-            with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
-                row = builder.gep(base, [builder.mul(loop.index, rb_v)])
-                (dot,) = _dot_rows(builder, fmt, [row], n_v, xp, xsp, _PF_BYTES)
-                builder.store(dot, builder.gep(yp, [loop.index]))
-
-        _per_format(builder, kid_v, body, mask)
-        return context.get_dummy_value()
-
-    return sig, codegen
+# Activation vectors per decoded row in the batched matvec: groups of 4, then a pair, then one (4 x 5 accumulators:
+# AVX2's 16 registers spill a little; 8 spilled more than decoding the row, which is in L1, again costs).
+_GROUPS = (4, 2, 1)
 
 
 @intrinsic
-def _mv_rows_int(typingctx, kid, addr, rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y, yoff, kinds):
-    """As _mv_rows, with x also given in fixed point (xq int16, xsc block scales; see _quantize_x) for the
-    integer dot of quantized rows; float-typed rows (F32/F16/BF16) take the float dot."""
-    if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, passes, yoff))
-            and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xbs, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
-            and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.ndim == 1):
-        return None
-    mask = _kinds(kinds)
-    if mask is None:
-        return None
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
-                     x, xs8, xbs, xq, xsc, types.int64, y, types.int64, kinds)
-
-    def codegen(context, builder, signature, args):
-        kid_v, addr_v, rb_v, r0_v, r1_v, n_v, x_v, xs_v, xbs_v, xq_v, xsc_v, passes_v, y_v, yoff_v, _ = args
-        base = builder.inttoptr(addr_v, _I8P)
-        xp = _data_ptr(context, builder, signature.args[6], x_v)
-        xsp = _data_ptr(context, builder, signature.args[7], xs_v)
-        xbsp = _data_ptr(context, builder, signature.args[8], xbs_v)
-        xqp = _data_ptr(context, builder, signature.args[9], xq_v)
-        xscp = _data_ptr(context, builder, signature.args[10], xsc_v)
-        yp = _data_ptr(context, builder, signature.args[12], y_v, yoff_v)
-
-        def body(fmt):
-            if fmt.block_size == 1:
-                with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
-                    row = builder.gep(base, [builder.mul(loop.index, rb_v)])
-                    (dot,) = _dot_rows(builder, fmt, [row], n_v, xp, xsp, _PF_BYTES)
-                    builder.store(dot, builder.gep(yp, [loop.index]))
-                return
-            with builder.if_else(builder.icmp_signed("==", passes_v, _i64(1))) as (one, two):
-                for n_pass, branch in ((1, one), (2, two)):
-                    with branch:
-                        with cgutils.for_range(builder, r1_v, start=r0_v) as loop:
-                            row = builder.gep(base, [builder.mul(loop.index, rb_v)])
-                            builder.store(_dot_rows_int(builder, fmt, row, n_v, xqp, xscp, xsp, xbsp, n_pass,
-                                                        _PF_BYTES), builder.gep(yp, [loop.index]))
-
-        _per_format(builder, kid_v, body, mask)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-_GROUP = 4   # activation vectors per decoded row in the batched matvec (4 x 5 accumulators: AVX2's 16 registers
-             # spill a little; 8 spilled more than re-decoding the row, which is in L1, costs)
-
-
-@intrinsic
-def _mv_rows_batch(typingctx, kid, addr, rb, r0, r1, n_in, m_rows, x, xs8, xbs, xq, xsc, passes, y, yoff, n_out,
-                   kinds):
-    """y[yoff + m * n_out + r] = W[r] . x_m for r in [r0, r1) and every m < m_rows: _mv_rows / _mv_rows_int
-    for a few vectors at once (x, xs8, xbs, xq, xsc hold m_rows vectors' data back to back).  Each row is
-    read from memory once and decoded once per _GROUP vectors; every result is the bits the one-vector
-    kernels give (passes 0: the float dot)."""
+def _mv_rows(typingctx, kid, addr, rb, r0, r1, n_in, m_rows, x, xs8, xbs, xq, xsc, passes, y, yoff, n_out, kinds):
+    """y[yoff + m * n_out + r] = W[r] . x_m for r in [r0, r1) and every m < m_rows: one vector (decode) or a
+    few (a draft to verify, a step of several sequences); x, xs8, xbs, xq, xsc hold the vectors' data back to
+    back.  Each row is read from memory once and decoded once per group of vectors (_GROUPS); a vector's
+    result is the same bits in any group (passes 0: the float dot, 1 or 2: the integer dot)."""
     if not (all(_is_int(t) for t in (kid, addr, rb, r0, r1, n_in, m_rows, passes, yoff, n_out))
             and _is_f32(x, 1) and _is_f32(xs8, 1) and _is_f32(xbs, 1) and _is_f32(xsc, 1) and _is_f32(y, 1)
             and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.ndim == 1):
@@ -662,30 +588,31 @@ def _mv_rows_batch(typingctx, kid, addr, rb, r0, r1, n_in, m_rows, x, xs8, xbs, 
                                        b.gep(xsp, [b.mul(m, b.mul(npc, _i64(_VW)))]), _PF_BYTES)
                     b.store(dot, out_at(m, rows.index))
 
-        def int_rows(fmt, n_pass):
+        def int_rows(fmt, n_pass, sizes):
+            """Each row against every vector: groups of sizes[0] vectors, then at most one group of each smaller
+            size (they halve) for the rest."""
             def xset(m):
                 return (b.gep(xqp, [b.mul(m, b.mul(n_v, _i64(n_pass)))]), b.gep(xscp, [b.mul(m, npc)]),
                         b.gep(xsp, [b.mul(m, b.mul(npc, _i64(_VW)))]), b.gep(xbsp, [b.mul(m, npc)]))
-            n_groups = b.sdiv(m_v, _i64(_GROUP))
+
+            def group(row, r, m0, g):
+                ms = [b.add(m0, _i64(k)) for k in range(g)]
+                for m, dot in zip(ms, _dot_rows_int(b, fmt, row, n_v, [xset(m) for m in ms], n_pass, _PF_BYTES)):
+                    b.store(dot, out_at(m, r))
+
+            n_first = b.sdiv(m_v, _i64(sizes[0]))
+            done0 = b.mul(n_first, _i64(sizes[0]))
+            done_p = cgutils.alloca_once(b, _I64)
             with cgutils.for_range(b, r1_v, start=r0_v) as rows:
                 row = b.gep(base, [b.mul(rows.index, rb_v)])
-                with cgutils.for_range(b, n_groups) as gs:
-                    m0 = b.mul(gs.index, _i64(_GROUP))
-                    ms = [b.add(m0, _i64(g)) for g in range(_GROUP)]
-                    dots = _dot_row_int_sets(b, fmt, row, n_v, [xset(m) for m in ms], n_pass, _PF_BYTES)
-                    for m, dot in zip(ms, dots):
-                        b.store(dot, out_at(m, rows.index))
-                # the rest (< _GROUP vectors): a pair, then a single one
-                m_pair = b.mul(n_groups, _i64(_GROUP))
-                n_rest = b.sub(m_v, m_pair)
-                with b.if_then(b.icmp_signed(">=", n_rest, _i64(2))):
-                    ms = [m_pair, b.add(m_pair, _i64(1))]
-                    for m, dot in zip(ms, _dot_row_int_sets(b, fmt, row, n_v, [xset(m) for m in ms], n_pass, 0)):
-                        b.store(dot, out_at(m, rows.index))
-                with b.if_then(b.icmp_signed("==", b.srem(n_rest, _i64(2)), _i64(1))):
-                    m = b.sub(m_v, _i64(1))
-                    (dot,) = _dot_row_int_sets(b, fmt, row, n_v, [xset(m)], n_pass, 0)
-                    b.store(dot, out_at(m, rows.index))
+                with cgutils.for_range(b, n_first) as gs:
+                    group(row, rows.index, b.mul(gs.index, _i64(sizes[0])), sizes[0])
+                b.store(done0, done_p)
+                for g in sizes[1:]:
+                    done = b.load(done_p)
+                    with b.if_then(b.icmp_signed(">=", b.sub(m_v, done), _i64(g))):
+                        group(row, rows.index, done, g)
+                        b.store(b.add(done, _i64(g)), done_p)
 
         def body(fmt):
             if fmt.block_size == 1:
@@ -696,9 +623,14 @@ def _mv_rows_batch(typingctx, kid, addr, rb, r0, r1, n_in, m_rows, x, xs8, xbs, 
                     float_rows(fmt)
                 with ints:
                     with b.if_else(b.icmp_signed("==", passes_v, _i64(1))) as (one, two):
-                        for n_pass, branch in ((1, one), (2, two)):
-                            with branch:
-                                int_rows(fmt, n_pass)
+                        with one:
+                            with b.if_else(b.icmp_signed("==", m_v, _i64(1))) as (single, several):
+                                with single:       # decode: the plain row loop
+                                    int_rows(fmt, 1, (1,))
+                                with several:
+                                    int_rows(fmt, 1, _GROUPS)
+                        with two:          # the rare accuracy mode: one vector at a time (less code to compile)
+                            int_rows(fmt, 2, (1,))
 
         _per_format(b, kid_v, body, mask)
         return context.get_dummy_value()
@@ -952,44 +884,11 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
     # constant: numba types it as a literal, which the intrinsics read, and it is part of the cache key.
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-    def matvec_kernel(plan, n_in, x, y, nchunks, parallel, passes):
-        """y[row0_j + r] = W_j[r] . x for every matrix j of the plan, in one parallel region.
+    def matvec_kernel(plan, n_in, X, Y, nchunks, parallel, passes):
+        """Y segment j (M, n_out_j), at Y[M * row0_j:], = X @ W_j.T for one row of activations (decode) or a
+        few (M <= BATCH_ROWS), every matrix of the plan in one parallel region.  Each row's result is the same
+        bits whatever M is (see _mv_rows), and every weight row is read once for all of them.
         passes 0: the float dot; 1 or 2: the integer dot with x in `passes` int16 codes per element."""
-        fingerprint  # noqa: B018  (part of the cache key, see module docstring)
-        npc = n_in // 32
-        xs8 = np.empty(npc * 8, np.float32)
-        xbs = np.empty(npc, np.float32)
-        xq = np.empty(max(passes, 1) * npc * 32, np.int16)
-        xsc = np.empty(npc, np.float32)
-        _prepare_x(x, npc, passes, xs8, xbs, xq, xsc)
-        nmat = plan.shape[0]
-        if not parallel:
-            for j in range(nmat):
-                if passes:
-                    _mv_rows_int(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, xbs, xq, xsc,
-                                 passes, y, plan[j, 4], kinds)
-                else:
-                    _mv_rows(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, x, xs8, y, plan[j, 4], kinds)
-            return
-        total = plan[nmat - 1, 5] + plan[nmat - 1, 3] * plan[nmat - 1, 1]
-        for t in prange(nchunks):
-            lo = total * t // nchunks
-            hi = total * (t + 1) // nchunks
-            for j in range(nmat):  # rows whose first byte lies in [lo, hi)
-                rb, b0 = plan[j, 1], plan[j, 5]
-                r0 = min(plan[j, 3], max(0, (lo - b0 + rb - 1) // rb))
-                r1 = min(plan[j, 3], max(0, (hi - b0 + rb - 1) // rb))
-                if r0 < r1:
-                    if passes:
-                        _mv_rows_int(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, xbs, xq, xsc, passes, y,
-                                     plan[j, 4], kinds)
-                    else:
-                        _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, x, xs8, y, plan[j, 4], kinds)
-
-    @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-    def matvec_batch_kernel(plan, n_in, X, Y, nchunks, parallel, passes):
-        """Y segment j (M, n_out_j), at Y[M * row0_j:], = X @ W_j.T for a few rows X (M, n_in): the matvec of
-        each row (the same bits), with every weight row read once for all of them."""
         fingerprint  # noqa: B018
         M = X.shape[0]
         npc = n_in // 32
@@ -1005,7 +904,7 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
         nmat = plan.shape[0]
         if not parallel:
             for j in range(nmat):
-                _mv_rows_batch(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, M, x, xs8, xbs, xq, xsc,
+                _mv_rows(plan[j, 2], plan[j, 0], plan[j, 1], 0, plan[j, 3], n_in, M, x, xs8, xbs, xq, xsc,
                                passes, Y, M * plan[j, 4], plan[j, 3], kinds)
             return
         total = plan[nmat - 1, 5] + plan[nmat - 1, 3] * plan[nmat - 1, 1]
@@ -1017,7 +916,7 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
                 r0 = min(plan[j, 3], max(0, (lo - b0 + rb - 1) // rb))
                 r1 = min(plan[j, 3], max(0, (hi - b0 + rb - 1) // rb))
                 if r0 < r1:
-                    _mv_rows_batch(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, M, x, xs8, xbs, xq, xsc, passes, Y,
+                    _mv_rows(plan[j, 2], plan[j, 0], rb, r0, r1, n_in, M, x, xs8, xbs, xq, xsc, passes, Y,
                                    M * plan[j, 4], plan[j, 3], kinds)
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -1085,8 +984,7 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
         for i in prange(ids.shape[0]):
             _decode_row(kid, addr, rb, ids[i], n_in, out, i * n_in, kinds)
 
-    return SimpleNamespace(matvec=matvec_kernel, matvec_batch=matvec_batch_kernel, matmul=matmul_kernel,
-                           rows=rows_kernel)
+    return SimpleNamespace(matvec=matvec_kernel, matmul=matmul_kernel, rows=rows_kernel)
 
 
 _FINGERPRINT = _formats_fingerprint()
@@ -1234,7 +1132,7 @@ class FusedLinear:
                 and x.flags.c_contiguous):
             x = _activations(x, 1, self.n_in)
         y = self._out(1, out)
-        self._k.matvec(self.plan, self.n_in, x, y, _NCHUNKS, self._parallel, _PASSES[0])
+        self._k.matvec(self.plan, self.n_in, x.reshape(1, self.n_in), y, _NCHUNKS, self._parallel, _PASSES[0])
         return tuple([y[a:b] for a, b in self._bounds])
 
     def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -1243,15 +1141,9 @@ class FusedLinear:
                 and X.shape[1] == self.n_in and X.flags.c_contiguous):
             X = _activations(X, 2, self.n_in)
         m = X.shape[0]
-        if m == 1:  # decode: the matvec kernel; (1, n) column slices are contiguous
-            y = self._out(1, out)
-            self._k.matvec(self.plan, self.n_in, X[0], y, _NCHUNKS, self._parallel, _PASSES[0])
-            y = y.reshape(1, -1)
-            return tuple([y[:, a:b] for a, b in self._bounds])
         y = self._out(m, out)
-        if m <= BATCH_ROWS:   # a few tokens (a draft to verify, a batch of sequences): matvecs sharing the reads
-            self._k.matvec_batch(self.plan, self.n_in, X, y, _NCHUNKS, self._parallel or m * self._work >= _PAR_MIN_WORK,
-                                 _PASSES[0])
+        if m <= BATCH_ROWS:   # decode, a draft to verify, a step of several sequences: matvecs sharing the reads
+            self._k.matvec(self.plan, self.n_in, X, y, _NCHUNKS, m * self._work >= _PAR_MIN_WORK, _PASSES[0])
         else:
             self._k.matmul(self.plan, self.n_in, X, y, _NCHUNKS, self._tile_rows)
         return tuple([y[m * a:m * b].reshape(m, b - a) for a, b in self._bounds])
@@ -1279,7 +1171,8 @@ def matvec(raw: np.ndarray, ggml_type: int, n_out: int, n_in: int, x: np.ndarray
     plan, parallel = _single_plan(raw, ggml_type, n_out, n_in)
     x = _activations(x, 1, n_in)
     out = _output(out, (n_out,))
-    _kernels(kinds | 1 << int(plan[0, _P_KID])).matvec(plan, n_in, x, out, _NCHUNKS, parallel, _PASSES[0])
+    _kernels(kinds | 1 << int(plan[0, _P_KID])).matvec(plan, n_in, x.reshape(1, n_in), out, _NCHUNKS, parallel,
+                                                       _PASSES[0])
     return out
 
 
@@ -1292,8 +1185,8 @@ def matmul(raw: np.ndarray, ggml_type: int, n_out: int, n_in: int, X: np.ndarray
     out = _output(out, (m, n_out))
     k = _kernels(kinds | 1 << int(plan[0, _P_KID]))
     if m <= BATCH_ROWS:
-        k.matvec_batch(plan, n_in, X, out.reshape(-1), _NCHUNKS,
-                       _work(int(plan[0, _P_KID]), m * n_out * n_in) >= _PAR_MIN_WORK, _PASSES[0])
+        k.matvec(plan, n_in, X, out.reshape(-1), _NCHUNKS, _work(int(plan[0, _P_KID]), m * n_out * n_in) >= _PAR_MIN_WORK,
+                 _PASSES[0])
     else:
         k.matmul(plan, n_in, X, out.reshape(-1), _NCHUNKS, _matmul_tile_rows(n_in))
     return out
