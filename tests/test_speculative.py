@@ -9,7 +9,7 @@ import pytest
 
 from edgelm.errors import EdgeLMError
 from edgelm.runtime.sampling import Sampler, SamplingParams
-from edgelm.runtime.speculative import DraftModel, PromptLookup, check_vocabularies
+from edgelm.runtime.speculative import DraftModel, PromptLookup, ProposalLength, check_vocabularies
 from tests.conftest import run_cli
 
 TEXT = ("The river runs north past the old market, under the stone bridge, and out to the winter garden. "
@@ -31,7 +31,7 @@ def fresh(m, prompt, **kw):
 
 
 def test_lookup_proposes_what_followed_the_latest_match():
-    look = PromptLookup(ngram_max=2, draft_max=3)
+    look = PromptLookup(ngram_max=2, draft_max=3, adaptive=False)
     assert look.propose([1, 2, 3, 4, 1, 2], 10) == [3, 4, 1]
     assert look.propose([1, 2, 3, 9, 2, 7, 1, 2], 10) == [3, 9, 2]      # the 2-gram [1, 2] wins over [2]
     assert look.propose([5, 2, 8, 2, 6, 7, 2], 10) == [6, 7, 2]         # the latest 1-gram match, not the first
@@ -39,6 +39,28 @@ def test_lookup_proposes_what_followed_the_latest_match():
     assert look.propose([1, 2, 3], 10) == [] and look.propose([7], 10) == []
     with pytest.raises(EdgeLMError, match="draft_max"):
         PromptLookup(2, 0)
+
+
+def test_proposal_length_follows_acceptance_and_cost():
+    """Long proposals while they are kept and verifying is cheap, none (but an occasional probe) while they are
+    rejected, and proposals come back when copying resumes."""
+    length = ProposalLength(draft_max=8)
+    for _ in range(6):
+        length.update(length.limit() or 1, length.limit() or 1, row_cost=0.3)
+    assert length.limit() == 8
+    for _ in range(30):
+        length.update(0, 4, row_cost=0.3)
+    probes = [length.limit() for _ in range(2 * ProposalLength.PROBE_EVERY)]
+    assert probes.count(1) == 2 and probes.count(0) == len(probes) - 2
+    expensive = ProposalLength(draft_max=8)
+    for _ in range(6):
+        expensive.update(3, 4, row_cost=0.6)                 # kept 3 of 4: a ~0.75
+    assert 0 < expensive.limit() < 3
+    for _ in range(20):
+        length.update(1, 1)
+    assert length.limit() >= 4
+    look = PromptLookup(ngram_max=2, draft_max=3)
+    assert look.propose([1, 2, 3, 4, 1, 2], 10) == [3]       # a prior of a = 0.5: one token to start with
 
 
 @pytest.mark.parametrize("model_name", ["smollm2", "gemma"])

@@ -7,9 +7,10 @@ machine (numbers for docs/benchmarks.md; run it when nothing else is running).
    prompt lookup, a draft model (the model itself with draft_p_min 0, so that every step is verified in a
    batch: a check of the verification path, not a speed-up) and all 20 prompts as one batch (n_parallel 8):
    how many of the 20 outputs are plain decoding's, token for token.
-2. Prompt lookup on input-grounded tasks: rewrite a ~1,000-token text (through the chat template where the
-   model has one) and continue a code file; tokens/s of plain decoding and of lookup (ngram 3, draft_max 4
-   and 8), the proposals' acceptance.  Best of --rounds runs each.
+2. Prompt lookup on input-grounded tasks: rewrite and copy-edit a ~1,000-token text (through the chat template
+   where the model has one), continue a code file; tokens/s of plain decoding and of lookup (ngram 3,
+   draft_max 4 and 8, the proposal length adapted to the acceptance), the proposals' acceptance.  Best of
+   --rounds runs each.
 3. Batched generation: 8 prompts x n tokens, one generate() each against one batch of 8: total tokens/s.
 
 Models are catalog names or GGUF paths (fetched with edgelm's catalog when missing).
@@ -92,17 +93,20 @@ def grounded_prompts(m):
         else:
             hi = mid - 1
     passage = " ".join(words[:lo])
-    ask = "Rewrite the following text in plain words, keeping every point:\n\n" + passage
-    if m.gguf.metadata.get("tokenizer.chat_template") is not None:
-        from edgelm.chat import render_ids
-        from edgelm.chat_template import template_for
-        rewrite = render_ids(m, template_for(m.gguf.metadata, m.tokenizer), [{"role": "user", "content": ask}])
-    else:
-        rewrite = m.tokenize(ask + "\n\nRewritten:\n")
+
+    def task(ask: str, answer: str) -> list[int]:
+        if m.gguf.metadata.get("tokenizer.chat_template") is not None:
+            from edgelm.chat import render_ids
+            from edgelm.chat_template import template_for
+            return render_ids(m, template_for(m.gguf.metadata, m.tokenizer), [{"role": "user", "content": ask}])
+        return m.tokenize(ask + f"\n\n{answer}:\n")
     code = open(os.path.join(ROOT, "edgelm", "runtime", "kv_cache.py"), encoding="utf-8").read()
     cut = code.index("class LayerCache")
-    code_ids = m.tokenize(code[:cut + 2500])
-    return {"rewrite": rewrite, "code": code_ids}
+    return {"rewrite": task("Rewrite the following text in plain words, keeping every point:\n\n" + passage,
+                            "Rewritten"),
+            "copy-edit": task("Correct the spelling and grammar of the following text and return it in full:\n\n"
+                              + passage, "Corrected text"),
+            "code": m.tokenize(code[:cut + 2500])}
 
 
 def main():

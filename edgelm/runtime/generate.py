@@ -155,13 +155,16 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
     stats.prompt_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     exclude = None            # a rejected proposal: the next token is drawn without it (speculative.py)
+    decode_s = None           # recent time of a decode step: what a verified row costs is told to the drafter
 
     def verify(tok: int, draft: list[int]):
         """Evaluate tok and the proposal in one batch, output the accepted prefix, roll the session back over
         the rest; returns (the logits after the last kept token, "" or why generation ends)."""
         nonlocal exclude
         base = session.n_tokens
+        t = time.perf_counter()
         verified = session.extend([tok, *draft])          # logits after tok, after each draft token
+        row_cost = None if decode_s is None else ((time.perf_counter() - t) / decode_s - 1) / len(draft)
         stats.draft_batches += 1
         stats.draft_tokens += len(draft)
         accepted, end = 0, ""
@@ -176,7 +179,7 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
                 yield piece
             if end:
                 break
-        drafter.accepted(accepted, len(draft))
+        drafter.accepted(accepted, len(draft), row_cost)
         keep = base + 1 + accepted                        # held: tok and the accepted proposal
         if session.can_resume_at(keep):
             session.truncate(keep)
@@ -201,7 +204,11 @@ def stream_tokens(model, session, prompt_ids: list[int], max_tokens: int, params
                 if draft:
                     logits, end = yield from verify(tok, draft)
                 else:
+                    t = time.perf_counter()
                     logits = session.decode(tok)
+                    if drafter is not None:
+                        dt = time.perf_counter() - t
+                        decode_s = dt if decode_s is None else 0.8 * decode_s + 0.2 * dt
         tail = seq.finish(end)
         if tail:
             yield tail

@@ -29,22 +29,73 @@ def _check_count(label: str, v, lo: int) -> int:
     return int(v)
 
 
+class ProposalLength:
+    """How many tokens are worth proposing, learnt from the verifications so far.
+
+    A proposal is kept up to its first rejection, so the chance that its k-th token is kept is about a^k,
+    a being the chance that a proposed token is kept after the ones before it (estimated as kept / (kept +
+    rejections), over recent proposals).  Verifying one more token costs c decode steps (measured by the
+    decode loop: a batch of 1 + k rows against one decode step; ~0.5 for a small model on 2 cores, less
+    where decoding is memory-bound), and a kept token saves one: the k-th is worth proposing while a^k > c.
+    Where not even the first is (text the model does not copy), one token is still proposed now and then
+    (every PROBE_EVERY-th chance) so that a change back to copying is noticed."""
+
+    DECAY = 0.9          # weight of the previous estimate per verification (recent text counts most)
+    PROBE_EVERY = 8
+
+    def __init__(self, draft_max: int):
+        self.draft_max = draft_max
+        self.kept, self.rejected = 1.0, 1.0     # a prior of a = 0.5
+        self.row_cost = 0.5
+        self._skipped = 0
+
+    def limit(self) -> int:
+        a = self.kept / (self.kept + self.rejected)
+        c = min(max(self.row_cost, 0.02), 0.98)
+        k = int(np.floor(np.log(c) / np.log(a))) if 0 < a < 1 else (self.draft_max if a >= 1 else 0)
+        if k >= 1:
+            self._skipped = 0
+            return min(k, self.draft_max)
+        self._skipped += 1
+        if self._skipped >= self.PROBE_EVERY:
+            self._skipped = 0
+            return 1
+        return 0
+
+    def update(self, n_accepted: int, n_proposed: int, row_cost: float | None = None) -> None:
+        self.kept = self.DECAY * self.kept + n_accepted
+        self.rejected = self.DECAY * self.rejected + (1 if n_accepted < n_proposed else 0)
+        if row_cost is not None:
+            self.row_cost = 0.8 * self.row_cost + 0.2 * row_cost
+
+
 @dataclass
 class PromptLookup:
     ngram_max: int = 3
     draft_max: int = 8
     draft_min: int = 0      # a match offering fewer tokens is not proposed
+    adaptive: bool = True   # propose only as many tokens as are likely to pay (ProposalLength)
 
     def __post_init__(self):
         _check_count("lookup_ngram", self.ngram_max, 1)
         _check_count("draft_max", self.draft_max, 1)
         _check_count("draft_min", self.draft_min, 0)
+        self.length = ProposalLength(self.draft_max) if self.adaptive else None
 
     def propose(self, history: list[int], limit: int) -> list[int]:
-        """Up to min(draft_max, limit) tokens that followed the latest earlier match of history's tail."""
+        """Up to min(draft_max, limit) tokens that followed the latest earlier match of history's tail (fewer,
+        or none, where recent proposals were mostly rejected)."""
         limit = min(limit, self.draft_max)
         if limit < max(1, self.draft_min) or len(history) < 2:
             return []
+        match = self._match(history, limit)
+        if not match:
+            return []
+        if self.length is not None:
+            match = match[:self.length.limit()]
+        return match if len(match) >= max(1, self.draft_min) else []
+
+    def _match(self, history: list[int], limit: int) -> list[int]:
         arr = np.asarray(history, dtype=np.int64)
         for n in range(min(self.ngram_max, len(arr) - 1), 0, -1):
             tail = arr[-n:]
@@ -53,12 +104,13 @@ class PromptLookup:
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if len(hits):
                 start = int(hits[-1]) + n
-                draft = arr[start:start + limit].tolist()
-                return draft if len(draft) >= self.draft_min else []
+                return arr[start:start + limit].tolist()
         return []
 
-    def accepted(self, n_accepted: int, n_proposed: int) -> None:
-        """Told after each verification how much of the proposal was kept (a fixed proposal rule ignores it)."""
+    def accepted(self, n_accepted: int, n_proposed: int, row_cost: float | None = None) -> None:
+        """Told after each verification how much of the proposal was kept, and what a verified row cost."""
+        if self.length is not None:
+            self.length.update(n_accepted, n_proposed, row_cost)
 
 
 # llama.cpp common/common.h, common_params_speculative: p_min = 0.75 (stop drafting once the draft model's top
@@ -107,8 +159,9 @@ class DraftModel:
             logits = s.decode(tok)
         return draft if len(draft) >= self.draft_min else []
 
-    def accepted(self, n_accepted: int, n_proposed: int) -> None:
-        """The draft session holds the proposal; the next prefill keeps what the target kept."""
+    def accepted(self, n_accepted: int, n_proposed: int, row_cost: float | None = None) -> None:
+        """The draft session holds the proposal; the next prefill keeps what the target kept (its own p_min
+        decides how far to guess)."""
 
 
 def check_vocabularies(target, draft) -> None:
