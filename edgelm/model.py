@@ -180,7 +180,8 @@ class Model:
                               f"got {n_keep!r}")
         return int(n_keep)
 
-    def _drafter(self, lookup_ngram, draft_model, draft_max: int = 8, draft_min: int = 0, draft_p_min: float = 0.75):
+    def _drafter(self, lookup_ngram=None, draft_model=None, draft_max: int = 8, draft_min: int = 0,
+                 draft_p_min: float = 0.75):
         """The proposal rule of speculative decoding (runtime/speculative.py), or None."""
         if lookup_ngram is not None and draft_model is not None:
             raise EdgeLMError("choose one kind of speculation: lookup_ngram or draft_model, not both")
@@ -199,9 +200,7 @@ class Model:
         for ids in all_ids:
             self.session.check_fits(len(ids))
         keeps = [self._n_keep(ids, n_keep) for ids in all_ids]
-        if max_tokens < 0:
-            max_tokens = self.n_ctx
-        stats = self.last_stats = BatchStats()
+        stats = self.last_stats = BatchStats()     # max_tokens -1: each until an end token or a full context
         pieces = generate_batch(self, all_ids, max_tokens, params, stops, int(n_parallel), keeps, stats)
         if stream:
             return pieces

@@ -176,3 +176,15 @@ def test_cli_model_draft(smollm2_path, gemma_path):
     assert p.stdout == plain.stdout and "draft model:" in p.stderr
     bad = run_cli("generate", "-m", smollm2_path, "hi", "--model-draft", gemma_path)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "vocabulary" in bad.stderr
+
+
+def test_chat_takes_speculation(smollm2, smollm2_path):
+    import edgelm
+    msgs = [{"role": "user", "content": f"Repeat exactly: {TEXT}"}]
+    plain = smollm2.chat(msgs, max_tokens=24, temperature=0, session=smollm2.create_session())
+    for kw in (dict(lookup_ngram=3), dict(draft_model=edgelm.load(smollm2_path), draft_max=3)):
+        r = smollm2.chat(msgs, max_tokens=24, temperature=0, session=smollm2.create_session(), **kw)
+        assert r.choices[0].message.content == plain.choices[0].message.content
+        assert smollm2.last_stats.draft_batches > 0
+    with pytest.raises(EdgeLMError, match="one kind of speculation"):
+        smollm2.chat(msgs, lookup_ngram=2, draft_model=smollm2)

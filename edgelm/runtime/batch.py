@@ -41,7 +41,8 @@ class BatchStats(GenerationStats):
 def generate_batch(model, prompts: list[list[int]], max_tokens: int, params: SamplingParams, stop: list[str],
                    n_parallel: int, n_keep: list[int], stats: BatchStats) -> Iterator[tuple[int, str]]:
     """Generate a continuation of every prompt (token ids), up to n_parallel at a time; yields (prompt index,
-    text piece) as they come.  n_keep[i]: the tokens a context shift keeps for prompt i."""
+    text piece) as they come.  max_tokens -1: until an end token or a full context.  n_keep[i]: the tokens a
+    context shift keeps for prompt i."""
     stats.sequences = [GenerationStats() for _ in prompts]
     slots = [_Slot(model.create_session()) for _ in range(min(n_parallel, len(prompts)))]
     workspace = model.decoder.workspace(min(len(slots), BATCH_ROWS))
@@ -53,7 +54,8 @@ def generate_batch(model, prompts: list[list[int]], max_tokens: int, params: Sam
         while waiting:
             i = waiting.popleft()
             st = stats.sequences[i]
-            seq = Sequence(model, prompts[i], max_tokens, params, stop, st)
+            limit = max_tokens if max_tokens >= 0 else slot.session.n_ctx - len(prompts[i])
+            seq = Sequence(model, prompts[i], limit, params, stop, st)
             t0 = time.perf_counter()
             logits = slot.session.prefill(prompts[i], st)
             st.prompt_s = time.perf_counter() - t0
