@@ -39,6 +39,13 @@ def gemma(gemma_path):
     return edgelm.load(gemma_path, n_ctx=1024)
 
 
+def fresh(m, prompt, **kw):
+    """generate() in a new session: the prompt evaluated whole, as in the other run it is compared with (a
+    reused cached prefix changes how the prompt is batched, and a batch of more than kernels.BATCH_ROWS
+    tokens is a float32 matmul, not the decode kernels' integer dot: equal to float rounding, not to the bit)."""
+    return m.generate(prompt, session=m.create_session(), **kw)
+
+
 def run_cli(*args, input: str | None = None, env: dict | None = None, timeout: int = 300):
     """Run `python -m edgelm ARGS` as a user would; returns CompletedProcess (text)."""
     e = dict(os.environ, **(env or {}))

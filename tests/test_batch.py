@@ -10,8 +10,7 @@ import pytest
 from edgelm.errors import EdgeLMError
 from edgelm.quant.kernels import BATCH_ROWS
 from edgelm.runtime.session import decode_many
-from tests.conftest import run_cli
-from tests.test_speculative import fresh
+from tests.conftest import fresh, run_cli
 
 PROMPTS = [
     "The capital of France is",

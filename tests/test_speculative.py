@@ -10,7 +10,7 @@ import pytest
 from edgelm.errors import EdgeLMError
 from edgelm.runtime.sampling import Sampler, SamplingParams
 from edgelm.runtime.speculative import DraftModel, PromptLookup, ProposalLength, check_vocabularies
-from tests.conftest import run_cli
+from tests.conftest import fresh, run_cli
 
 TEXT = ("The river runs north past the old market, under the stone bridge, and out to the winter garden. "
         "In the garden a letter waits on the bench beside the music stand.")
@@ -21,13 +21,6 @@ PROMPTS = [
     "one two three four five one two three four five one two",
     "Write a short story about a cat.",               # little to look up: most steps propose nothing
 ]
-
-
-def fresh(m, prompt, **kw):
-    """generate() in a new session: the prompt evaluated whole, as in the other run it is compared with (a
-    reused cached prefix changes how the prompt is batched, and a batch of more than kernels.BATCH_ROWS
-    tokens is a float32 matmul, not the decode kernels' integer dot: equal to float rounding, not to the bit)."""
-    return m.generate(prompt, session=m.create_session(), **kw)
 
 
 def test_lookup_proposes_what_followed_the_latest_match():

@@ -133,7 +133,7 @@ class DraftModel:
         if not isinstance(p_min, (int, float)) or isinstance(p_min, bool) or not 0.0 <= p_min <= 1.0:
             raise EdgeLMError(f"draft_p_min: expected a probability from 0 to 1, got {p_min!r}")
         check_vocabularies(target, draft)
-        self.model, self.p_min = draft, float(p_min)
+        self.p_min = float(p_min)
         self.session = draft.create_session()
         self.n_vocab = min(target.config.n_vocab, draft.config.n_vocab)
 
