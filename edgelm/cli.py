@@ -379,6 +379,54 @@ def chat(model, system, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n
     sys.exit(Repl(conv, os.path.basename(m.path), stats=stats, sources=sources, notes=notes).run())
 
 
+@cli.command()
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then use --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port (0: any free).")
+@click.option("-np", "--parallel", type=_param("n_parallel", "N"), default=2, show_default=True,
+              help="Slots: requests generated at once, each with its own KV cache of -c tokens.")
+@click.option("--max-queue", type=click.IntRange(0, 100_000), default=32, show_default=True,
+              help="Requests that may wait for a slot; beyond that: 503 with Retry-After.")
+@click.option("-cram", "--cache-ram", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
+              help="MiB of prompt cache: slot states kept after their slot is reused, for conversations that "
+                   "come back (0: none).")
+@_ctx_option
+@_threads_option
+@_cache_type_option("-ctk", "--cache-type-k", "keys")
+@_cache_type_option("-ctv", "--cache-type-v", "values")
+@click.option("--api-key", default=None, envvar="EDGELM_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every route but /health (or set EDGELM_API_KEY).")
+@click.option("--alias", default=None, help="Model id in /v1/models and responses  [default: the file name]")
+@click.option("--chat-template", default=None,
+              help="Built-in template name (chatml, gemma, llama3, phi3) or a Jinja file; default: the model's own.")
+@click.option("--max-tokens", "max_tokens", type=_param("n_ctx", "N"), default=None,
+              help="Cap on a request's max_tokens  [default: the room left in the context]")
+@click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=4 << 20, show_default=True,
+              help="Largest request body in bytes.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(model, host, port, parallel, max_queue, cache_ram, ctx, threads, cache_type_k, cache_type_v, api_key, alias,
+          chat_template, max_tokens, max_body, verbose):
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, and llama-server's
+    /health, /tokenize, /detokenize, /slots.
+
+    Point any OpenAI client at it: base_url http://127.0.0.1:8080/v1 (the API key is any text unless --api-key
+    is set). A request reuses the slot holding the longest prefix of its prompt, so a conversation's next
+    turn evaluates only its new tokens."""
+    import logging
+    from .serve import Server, ServerConfig, is_loopback
+    m = _load(model, ctx, threads, cache_type_k, cache_type_v)
+    cfg = ServerConfig(api_key=api_key, max_body=max_body, model_id=alias, loopback_only=is_loopback(host),
+                       max_tokens=max_tokens, chat_template=chat_template)
+    if not is_loopback(host) and api_key is None:
+        logging.getLogger("edgelm").warning(f"listening on {host} without --api-key: anyone who can reach this "
+                                            f"port can use the model")
+    server = Server(m, host, port, parallel, max_queue, cfg, access_log=verbose, cache_ram_mib=cache_ram)
+    click.echo(f"edgelm: serving {os.path.basename(m.path)} on {server.url}/v1 ({parallel} slot"
+               f"{'s' if parallel != 1 else ''} of {m.n_ctx} tokens); Ctrl-C to stop", err=True)
+    server.run()
+
+
 def _base_model_note(name: str, capped: bool) -> str:
     note = f"{name} is a base model without a chat template: its replies may not end by themselves"
     if capped:

@@ -127,6 +127,27 @@ def test_save_load_continue_gemma_ring(gemma_ring, tmp_path):
     _save_load_continue(gemma_ring, ids, 4, 4, tmp_path)
 
 
+def _snapshot_restore_continue(model, ids, n_before, n_after):
+    """A snapshot restored into another session (which held something else) continues like the original."""
+    whole = _greedy(model.create_session(), ids, n_before + n_after)
+    s = model.create_session()
+    first = _greedy(s, ids, n_before)
+    state = s.snapshot()
+    other = model.create_session()
+    _greedy(other, model.tokenize("Something else entirely, to be overwritten."), 3)
+    other.restore(state)
+    assert other.tokens == s.tokens
+    rest = _continue(other, n_after, other.prefill(s.tokens))
+    assert first + rest == whole
+
+
+def test_snapshot_restore_continue(smollm2, gemma_ring):
+    _snapshot_restore_continue(smollm2, smollm2.tokenize(TEXT), 6, 6)
+    _snapshot_restore_continue(gemma_ring, gemma_ring.tokenize(TEXT * 40)[:1030], 4, 4)   # wrapped rings
+    with pytest.raises(EdgeLMError, match="another model"):
+        smollm2.create_session().restore(gemma_ring.create_session().snapshot())
+
+
 def test_bad_session_files_are_refused_in_one_line(smollm2, gemma, smollm2_path, tmp_path):
     s = smollm2.create_session()
     s.prefill(smollm2.tokenize("A short prompt"))

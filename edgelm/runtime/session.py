@@ -56,6 +56,11 @@ class Session:
             self._batch = self.decoder.workspace(max(n_rows, min(N_BATCH, self.n_ctx)))
         return self._batch
 
+    def share_prompt_workspace(self, ws) -> None:
+        """Evaluate prompt batches in `ws` (Decoder.workspace): sessions that never evaluate at the same time,
+        such as a server's slots, can share one instead of holding one each."""
+        self._batch = ws
+
     def can_resume_at(self, n: int) -> bool:
         """Can evaluation continue after the first n held tokens (a reused prefix, a truncation)?"""
         return n == 0 or (n <= self.n_tokens and n >= self._floor)
@@ -229,6 +234,27 @@ class Session:
         self.shift(p, best_d)
         return best_d
 
+    # -- in-memory snapshots (a server's prompt cache) ----------------------------------------------
+    def snapshot(self) -> "SessionState":
+        """A copy of what this session holds (token ids, the caches' held slots), to restore() later into this
+        or another session of the same model: what save() writes, kept in memory."""
+        slots = self._held_slots()
+        arrays = [(c.k[:, :n].copy(), c.v[:, :n].copy()) for c, n in zip(self.caches, slots)]
+        return SessionState(list(self.tokens), self._high, self._floor, arrays)
+
+    def restore(self, state: "SessionState") -> None:
+        """Make this session hold `state` (a snapshot of a session of the same model and cache types)."""
+        if len(state.arrays) != len(self.caches) or any(
+                k.shape[0] != c.k.shape[0] or k.shape[2:] != c.k.shape[2:] or k.dtype != c.k.dtype
+                or k.shape[1] > c.capacity for (k, _), c in zip(state.arrays, self.caches)):
+            raise EdgeLMError("restore: the snapshot was taken on another model or cache type")
+        for (k, v), c in zip(state.arrays, self.caches):
+            n = k.shape[1]
+            c.k[:, :n] = k
+            c.v[:, :n] = v
+        self.tokens = list(state.tokens)
+        self._high, self._floor = state.high, state.floor
+
     # -- save / load --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write this session (token ids and the caches' held slots) to `path`, atomically."""
@@ -270,6 +296,14 @@ class Session:
         except OSError as e:
             raise EdgeLMError(f"{path}: cannot read the session file ({e.strerror or e})") from None
         return s
+
+
+class SessionState:
+    """A session's held tokens and K/V, copied (Session.snapshot / restore)."""
+
+    def __init__(self, tokens: list[int], high: int, floor: int, arrays: list[tuple[np.ndarray, np.ndarray]]):
+        self.tokens, self.high, self.floor, self.arrays = tokens, high, floor, arrays
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in arrays) + 8 * len(tokens)
 
 
 def decode_many(sessions: list[Session], tokens: list[int], workspace) -> np.ndarray:
