@@ -7,8 +7,8 @@ concurrent two-turn conversations, and clients that disconnect mid-stream.
    streamed from an `edgelm serve` subprocess through the `openai` client (tokens/s from the first to the last
    content chunk, as a client sees them); --rounds pairs, alternated, and the median of their ratios.
 2. Load: 4 client threads x 10 two-turn conversations, --parallel slots. Run twice with different conversations:
-   the first pass warms up (kernels, slots, the prompt cache up to its bound), the server's RSS is read after each
-   pass. Reports errors, second turns that found their first turn cached, and the prompt cache's bytes.
+   the first pass warms up (kernels, slots, the prompt cache up to its bound: --cache-ram 16), the server's RSS
+   is read after each pass. Reports errors, second turns that found their first turn cached, and the prompt cache's bytes.
 3. Disconnects: 50 clients (10 at a time) that read 3 chunks of a 400-token stream and close the connection; then
    the time until /health shows every slot idle.
 
@@ -141,7 +141,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("-c", "--ctx", type=int, default=2048)
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--cache-ram", type=int, default=32, help="MiB of prompt cache in the server")
+    ap.add_argument("--cache-ram", type=int, default=16,
+                    help="MiB of prompt cache in the server (small, so that the warm-up pass fills it: RSS is then "
+                         "flat unless something leaks)")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()

@@ -214,8 +214,8 @@ class Engine:
                 self.cache.put(session.snapshot())
             state, n = self.cache.best(job.ids)
             if state is not None and n > held:
-                self.cache.take(state)
-                session.restore(state)
+                session.restore(state)                        # (a copy: the kept state stays valid)
+                self.cache.used(state, whole=n == len(state.tokens))
                 held = n
         keep = min(held, len(job.ids) - 1)                    # the last is evaluated: its logits are needed
         if not session.can_resume_at(keep):

@@ -54,10 +54,15 @@ class PromptCache:
                 best, best_n = state, n
         return best, best_n
 
-    def take(self, state: SessionState) -> None:
-        """`state` goes back into a slot: it is no longer kept here."""
-        self._drop(id(state))
+    def used(self, state: SessionState, whole: bool) -> None:
+        """`state` was restored into a slot. When the prompt continues all of it, the slot now holds it (and will
+        save it again, longer, when the slot is needed): it leaves the cache. When only a prefix was wanted (a
+        shared system prompt, say), the rest may still be wanted: it stays, as the most recently used."""
         self.hits += 1
+        if whole:
+            self._drop(id(state))
+        else:
+            self.entries.move_to_end(id(state))
 
     def _drop(self, key: int) -> None:
         self.nbytes -= self.entries.pop(key).nbytes
