@@ -17,6 +17,7 @@ Loopback only; the server is a subprocess (a client in the server's process woul
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -62,18 +63,37 @@ def start_server(path: str, n_ctx: int, parallel: int, cache_ram: int) -> tuple[
     raise SystemExit("the server did not start within 300 s")
 
 
-def streamed_tps(url: str, tokens: int) -> tuple[float, int]:
-    """Content chunks per second from the first to the last, as the client receives them."""
+def streamed_tps(url: str, tokens: int) -> tuple[float, float]:
+    """Through the `openai` client: content chunks per second from the first to the last, as the client receives
+    them, and the server's own generation rate (llama-server's timings.predicted_per_second)."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
-    stream = client.chat.completions.create(model="m", messages=STORY, max_tokens=tokens, temperature=0, stream=True)
-    n, t0, t1 = 0, None, None
+    stream = client.chat.completions.create(model="m", messages=STORY, max_tokens=tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    n, t0, t1, server = 0, None, None, 0.0
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             n += 1
             t1 = time.perf_counter()
             if t0 is None:
                 t0 = t1
-    return (n - 1) / (t1 - t0) if n > 1 else 0.0, n
+        elif not chunk.choices:
+            server = chunk.model_extra["timings"]["predicted_per_second"]
+    return (n - 1) / (t1 - t0) if n > 1 else 0.0, server
+
+
+def streamed_tps_raw(url: str, tokens: int) -> float:
+    """The same through plain httpx (each event's JSON parsed): a lighter client on the same cores."""
+    body = {"messages": STORY, "max_tokens": tokens, "temperature": 0, "stream": True}
+    n, t0, t1 = 0, None, None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                if json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    n += 1
+                    t1 = time.perf_counter()
+                    if t0 is None:
+                        t0 = t1
+    return (n - 1) / (t1 - t0) if n > 1 else 0.0
 
 
 def load_pass(url: str, tag: str, clients: int = 4, conversations: int = 10) -> dict:
@@ -156,14 +176,17 @@ def main() -> None:
     model = edgelm.load(path, n_ctx=args.ctx)
     proc, url = start_server(path, args.ctx, args.parallel, args.cache_ram)
     try:
-        ratios = []        # alternated, one pair per round: this machine's speed drifts by tens of % in a minute
+        rows = []          # alternated, one round at a time: this machine's speed drifts by tens of % in a minute
         for _ in range(args.rounds):
             lib = library_tps(model, args.tokens)
-            srv, n = streamed_tps(url, args.tokens)
-            ratios.append(srv / lib)
-            print(f"overhead: Model.chat {lib:.1f} t/s, streamed through the server {srv:.1f} t/s ({n} chunks): "
-                  f"{srv / lib:.2f}x")
-        print(f"overhead: median of {len(ratios)} rounds {statistics.median(ratios):.2f}x")
+            srv, engine = streamed_tps(url, args.tokens)
+            raw = streamed_tps_raw(url, args.tokens)
+            rows.append((srv / lib, raw / lib, engine / lib))
+            print(f"overhead: Model.chat {lib:.1f} t/s; through the server: openai client {srv:.1f} ({srv / lib:.2f}x), "
+                  f"httpx client {raw:.1f} ({raw / lib:.2f}x), the server's own rate {engine:.1f} ({engine / lib:.2f}x)")
+        med = [statistics.median(r[i] for r in rows) for i in range(3)]
+        print(f"overhead: median of {len(rows)} rounds: openai client {med[0]:.2f}x, httpx client {med[1]:.2f}x, "
+              f"server's own rate {med[2]:.2f}x")
         del model
         rss = []
         for tag in ("warm-up", "measured"):

@@ -243,7 +243,10 @@ class Engine:
             if not chunk:
                 continue
             try:
-                logits = decode_many([s.session for s in chunk], [s.token for s in chunk], self.workspace)
+                if len(chunk) == 1:         # plain decode: the same bits, no (1, n_vocab) logits array per step
+                    logits = [chunk[0].session.decode(chunk[0].token)]
+                else:
+                    logits = decode_many([s.session for s in chunk], [s.token for s in chunk], self.workspace)
             except EdgeLMError as e:
                 for s in chunk:
                     self._end(s, Failed(str(e)))
