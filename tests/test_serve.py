@@ -120,6 +120,30 @@ def test_malformed_bodies_are_400_with_one_line(server, body, where):
     assert where in err["message"] and "\n" not in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_any_field_with_any_value_is_answered_or_refused_in_one_line(server):
+    """Every field of a valid body replaced by values of the wrong type, out of range or not valid Unicode: the
+    answer is a completion or a 400 in OpenAI's shape, never a 500, a traceback or a hang."""
+    valid = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0,
+             "top_p": 0.9, "top_k": 10, "min_p": 0.05, "repeat_penalty": 1.1, "seed": 1, "stop": ["x"],
+             "stream": False, "logprobs": False, "top_logprobs": 1, "n": 1, "stream_options": None}
+    pool = [None, -1, 0, 2, 10 ** 30, -(10 ** 30), 0.5, "x", "\ud800", [], {}, [1, "a"], True,
+            [{"role": 1}], [{"content": "no role"}], {"include_usage": "yes"}]
+    for field in valid:
+        for value in pool:
+            if field == "max_tokens" and isinstance(value, int) and value > 100:
+                continue             # a valid huge max_tokens runs to the end of the context: slow, not wrong
+            body = dict(valid, **{field: value})
+            r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),   # "\ud800" escaped
+                           headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code in (200, 400), (field, value, r.status_code, r.text)
+            if r.status_code == 400:
+                msg = r.json()["error"]["message"]
+                assert msg and "\n" not in msg and "Traceback" not in msg
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert r.status_code == 400 and "only text parts" in r.json()["error"]["message"]
+
+
 def test_openai_client_sees_400_and_404(client, server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="any", messages=[])

@@ -42,8 +42,10 @@ class Server:
         self.app = create_app(model, self.engine, self.config)
         self.sock = _bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
+        # open connections are bounded too (a flood gets uvicorn's 503 before any work): the slots, the waiting
+        # line and room for /health, /tokenize and clients that reconnect
         ucfg = uvicorn.Config(self.app, log_level="info" if access_log else "warning", access_log=access_log,
-                              timeout_graceful_shutdown=2)
+                              timeout_graceful_shutdown=2, limit_concurrency=max(64, 4 * (parallel + max_queue)))
         self.uvicorn = uvicorn.Server(ucfg)
         self._thread: threading.Thread | None = None
 

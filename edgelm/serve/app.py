@@ -72,6 +72,11 @@ def create_app(model, engine: Engine, config: ServerConfig | None = None) -> Fas
     async def _full(request, exc: QueueFull):
         return _error(503, f"server busy: {exc}; retry later", "server_error", headers={"Retry-After": "1"})
 
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        log.error("%s %s failed: %r", request.method, request.url.path, exc, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
     app.add_middleware(_Guard, cfg=cfg)
 
     # -- routes -----------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def create_app(model, engine: Engine, config: ServerConfig | None = None) -> Fas
     async def chat_completions(body: ChatRequest, request: Request):
         if body.tools:
             raise EdgeLMError("tools: tool calling is not supported by this server")
-        messages = [m.for_template() for m in body.messages]
+        messages = [m.for_template(i) for i, m in enumerate(body.messages)]
         ids = await run_in_threadpool(render_ids, model, template, messages)
         return await _respond(request, body, ids, Reply("chat", model_id, tok), body.limit(), body.n_logprobs(),
                               echo="")

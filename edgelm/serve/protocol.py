@@ -11,6 +11,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import EdgeLMError
+from ..runtime.generate import clean_text
 
 from .engine import Done, TokenInfo
 
@@ -68,30 +69,32 @@ class _Generation(_Body):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOPS:
             raise EdgeLMError(f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}")
-        return stops
+        return [clean_text(s) for s in stops]
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
 class Message(_Body):
     model_config = ConfigDict(extra="allow")      # name, tool_call_id ...: passed to the template as they are
     role: str = Field(min_length=1)
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[dict], None] = None
 
-    def for_template(self) -> dict:
+    def for_template(self, index: int) -> dict:
         content = self.content
         if isinstance(content, list):             # OpenAI content parts: the text parts, in order
-            content = "".join(p.text for p in content)
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise EdgeLMError(f"messages.{index}.content: only text parts are supported, got a "
+                                      f"{str(part.get('type'))[:40]!r} part")
+                texts.append(part["text"])
+            content = "".join(texts)
         m = {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, (str, int, float, bool))}
         m.update(role=self.role, content=content or "")
-        return m
+        # text that is not valid Unicode (a lone surrogate from a JSON \ud800) becomes U+FFFD, as everywhere
+        return {k: clean_text(v) if isinstance(v, str) else v for k, v in m.items()}
 
 
 class ChatRequest(_Generation):
