@@ -127,10 +127,13 @@ def test_save_load_continue_gemma_ring(gemma_ring, tmp_path):
     _save_load_continue(gemma_ring, ids, 4, 4, tmp_path)
 
 
-def _snapshot_restore_continue(model, ids, n_before, n_after):
-    """A snapshot restored into another session (which held something else) continues like the original."""
+def _snapshot_restore_continue(model, ids, n_before, n_after, earlier=None):
+    """A snapshot restored into another session (which held something else) continues like the original; the
+    snapshot's session may have held a longer text before (slots past its tokens are not copied)."""
     whole = _greedy(model.create_session(), ids, n_before + n_after)
     s = model.create_session()
+    if earlier is not None:
+        s.prefill(earlier)
     first = _greedy(s, ids, n_before)
     state = s.snapshot()
     other = model.create_session()
@@ -144,6 +147,7 @@ def _snapshot_restore_continue(model, ids, n_before, n_after):
 def test_snapshot_restore_continue(smollm2, gemma_ring):
     _snapshot_restore_continue(smollm2, smollm2.tokenize(TEXT), 6, 6)
     _snapshot_restore_continue(gemma_ring, gemma_ring.tokenize(TEXT * 40)[:1030], 4, 4)   # wrapped rings
+    _snapshot_restore_continue(gemma_ring, gemma_ring.tokenize(TEXT), 4, 4, earlier=gemma_ring.tokenize(TEXT * 8))
     with pytest.raises(EdgeLMError, match="another model"):
         smollm2.create_session().restore(gemma_ring.create_session().snapshot())
 

@@ -12,6 +12,9 @@ concurrent two-turn conversations, and clients that disconnect mid-stream.
 3. Disconnects: 50 clients (10 at a time) that read 3 chunks of a 400-token stream and close the connection; then
    the time until /health shows every slot idle.
 
+With --llama-python, llama-cpp-python's library and its server (llama_cpp.server) are measured the same way in
+the same rounds (the yardstick).
+
 Loopback only; the server is a subprocess (a client in the server's process would share its GIL).
 """
 from __future__ import annotations
@@ -96,6 +99,56 @@ def streamed_tps_raw(url: str, tokens: int) -> float:
     return (n - 1) / (t1 - t0) if n > 1 else 0.0
 
 
+# llama-cpp-python, the yardstick (its server is FastAPI + uvicorn + sse-starlette, as ours is FastAPI + uvicorn):
+# the library in a worker process of the reference venv, and `python -m llama_cpp.server`.
+PEER_WORKER = r"""
+import sys, time, json
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), verbose=False)
+msgs = json.loads(sys.argv[4])
+for line in sys.stdin:
+    n, t0, t1 = 0, None, None
+    for chunk in llm.create_chat_completion(msgs, max_tokens=int(line), temperature=0, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            n += 1
+            t1 = time.perf_counter()
+            t0 = t0 or t1
+    print((n - 1) / (t1 - t0) if n > 1 else 0.0, flush=True)
+"""
+
+
+class Peer:
+    def __init__(self, python: str, path: str, n_ctx: int, threads: int):
+        self.worker = subprocess.Popen([python, "-c", PEER_WORKER, path, str(n_ctx), str(threads), json.dumps(STORY)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        port = free_port()
+        self.server = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", path, "--n_ctx", str(n_ctx),
+                                        "--n_threads", str(threads), "--port", str(port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("llama_cpp.server did not start (pip install fastapi uvicorn sse-starlette "
+                                 "starlette-context pydantic-settings in its venv)")
+            time.sleep(0.2)
+
+    def library_tps(self, tokens: int) -> float:
+        self.worker.stdin.write(f"{tokens}\n")
+        self.worker.stdin.flush()
+        return float(self.worker.stdout.readline())
+
+    def close(self) -> None:
+        for p in (self.worker, self.server):
+            p.terminate()
+            p.wait(30)
+
+
 def load_pass(url: str, tag: str, clients: int = 4, conversations: int = 10) -> dict:
     results, errors = [], []
 
@@ -166,6 +219,9 @@ def main() -> None:
                          "flat unless something leaks)")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--llama-python", default=None,
+                    help="a Python with llama-cpp-python and its server's packages (e.g. the reference venv of "
+                         "../shared/tools/setup-reference.sh): measure llama_cpp.server the same way, alongside")
     args = ap.parse_args()
     from edgelm.catalog import resolve
     path = str(resolve(args.model))
@@ -173,20 +229,37 @@ def main() -> None:
     print(f"# {os.path.basename(path)}, {cpu}, {os.cpu_count()} CPUs, -np {args.parallel}, "
           f"--cache-ram {args.cache_ram}")
     import edgelm
+    from edgelm.model import default_threads
     model = edgelm.load(path, n_ctx=args.ctx)
     proc, url = start_server(path, args.ctx, args.parallel, args.cache_ram)
     try:
-        rows = []          # alternated, one round at a time: this machine's speed drifts by tens of % in a minute
+        peer = Peer(args.llama_python, path, args.ctx, default_threads()) if args.llama_python else None
+        rows, peer_rows = [], []  # alternated, one round at a time: this machine's speed drifts by tens of % a minute
         for _ in range(args.rounds):
             lib = library_tps(model, args.tokens)
             srv, engine = streamed_tps(url, args.tokens)
             raw = streamed_tps_raw(url, args.tokens)
-            rows.append((srv / lib, raw / lib, engine / lib))
+            rows.append((srv / lib, raw / lib, engine / lib, lib, srv))
             print(f"overhead: Model.chat {lib:.1f} t/s; through the server: openai client {srv:.1f} ({srv / lib:.2f}x), "
                   f"httpx client {raw:.1f} ({raw / lib:.2f}x), the server's own rate {engine:.1f} ({engine / lib:.2f}x)")
-        med = [statistics.median(r[i] for r in rows) for i in range(3)]
+            if peer:
+                plib = peer.library_tps(args.tokens)
+                psrv, _ = streamed_tps(peer.url, args.tokens)
+                if not plib or not psrv:     # (its chat handler ended the reply at once: a base model, say)
+                    print("  llama-cpp-python: no reply to time")
+                    continue
+                peer_rows.append((psrv / plib, plib, psrv))
+                print(f"  llama-cpp-python: library {plib:.1f} t/s, through llama_cpp.server (openai client) "
+                      f"{psrv:.1f} ({psrv / plib:.2f}x)")
+        med = [statistics.median(r[i] for r in rows) for i in range(5)]
         print(f"overhead: median of {len(rows)} rounds: openai client {med[0]:.2f}x, httpx client {med[1]:.2f}x, "
-              f"server's own rate {med[2]:.2f}x")
+              f"server's own rate {med[2]:.2f}x (library {med[3]:.1f} t/s, streamed {med[4]:.1f} t/s)")
+        if peer_rows:
+            pm = [statistics.median(r[i] for r in peer_rows) for i in range(3)]
+            print(f"llama-cpp-python: median server/library {pm[0]:.2f}x (library {pm[1]:.1f} t/s, streamed "
+                  f"{pm[2]:.1f} t/s); edgelm streamed / llama_cpp.server streamed {med[4] / pm[2]:.2f}x")
+        if peer:
+            peer.close()
         del model
         rss = []
         for tag in ("warm-up", "measured"):

@@ -238,7 +238,9 @@ class Session:
     def snapshot(self) -> "SessionState":
         """A copy of what this session holds (token ids, the caches' held slots), to restore() later into this
         or another session of the same model: what save() writes, kept in memory."""
-        slots = self._held_slots()
+        # positions < n_tokens live in slots p % capacity < min(capacity, n_tokens); the other slots of a ring hold
+        # only positions >= n_tokens (truncated, never read before they are written again): not worth copying
+        slots = [min(c.capacity, self.n_tokens) for c in self.caches]
         arrays = [(c.k[:, :n].copy(), c.v[:, :n].copy()) for c, n in zip(self.caches, slots)]
         return SessionState(list(self.tokens), self._high, self._floor, arrays)
 
