@@ -1,5 +1,7 @@
 """Quant formats and kernels against the independent reference, gguf-py's `gguf.quants`."""
 
+import platform
+
 import gguf
 import numpy as np
 import pytest
@@ -189,7 +191,15 @@ def test_f16_portable_integer_path():
     h = np.arange(1 << 16, dtype=np.uint16)
     got = np.empty(h.size, np.float32)
     convert(h, got)
-    assert np.array_equal(_bits(got), _bits(h.view(np.float16).astype(np.float32)))
+    g, ref = _bits(got), _bits(h.view(np.float16).astype(np.float32))
+    nan = np.isnan(h.view(np.float16))
+    assert np.array_equal(g[~nan], ref[~nan])
+    # NaN payloads are widened exactly; NumPy's reference is the CPU's own conversion on arm64 (fcvt), which sets
+    # the quiet bit of a signalling NaN (found running this test on arm64 under qemu: tools/arm64_check.sh)
+    quiet = np.uint32(0x00400000)
+    assert np.array_equal(g[nan] | quiet, ref[nan] | quiet) and np.all(np.isnan(got[nan]))
+    if platform.machine() in ("x86_64", "AMD64"):      # NumPy widens in software there: every payload as is
+        assert np.array_equal(g, ref)
 
 
 def _mxfp4_every_block():
