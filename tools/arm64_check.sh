@@ -47,6 +47,7 @@ mounts() {
 }
 unmount() { umount "$root/dev" 2>/dev/null || true; umount "$root/proc" 2>/dev/null || true; }
 trap unmount EXIT
+trap 'unmount; exit 130' INT TERM     # a killed run (timeout, Ctrl-C) leaves no mounts behind
 if [ ! -f "$root/.debootstrap-done" ]; then
   t=$(date +%s); step "debootstrap arm64 bookworm into $root (first run only)"
   rm -rf "$root"; mkdir -p "$root"
