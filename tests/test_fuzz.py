@@ -62,6 +62,7 @@ def test_writer_round_trips_the_seeds(seeds):
 def test_fuzz_a_thousand_mutations():
     """1000 seeded mutations (~8 s): no traceback, hang (10 s), crash or case over 1 GiB of RSS."""
     report = F.fuzz(1000, seed=9, timeout=10.0, max_rss_mib=1024.0)
+    print(report.summary())
     assert sum(report.counts.values()) == 1000
     assert not report.failures, _failures_text(report)
     assert report.counts["ok"] > 0 and report.counts["error"] > 0     # both kinds of outcome are exercised
@@ -91,6 +92,17 @@ def test_runner_reports_a_hang_and_recovers(tmp_path):
         F.build_seed("llama", ok)
         runner.timeout = 60.0
         assert runner.run(str(ok))["outcome"] == "ok"
+    finally:
+        runner.close()
+
+
+def test_runner_does_not_count_compiling_as_hanging():
+    """A case that is the first to reach some kernel compiles it (seconds; far more on a loaded machine): the
+    worker's compile notices stop the hang clock, and the compile time is reported apart from the case's."""
+    runner = F.Runner(timeout=1.0)
+    try:
+        r = runner.run(F.SELFTEST_COMPILE)                 # "compiles" for 2 s, then fails to open the path
+        assert r["outcome"] == "error" and r["compile_seconds"] >= 2.0 and r["seconds"] < 1.0
     finally:
         runner.close()
 

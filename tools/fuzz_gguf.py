@@ -25,6 +25,7 @@ tests/data/fuzz_regressions/) unless --no-save.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REGRESSIONS = ROOT / "tests" / "data" / "fuzz_regressions"
 FAILURES = ("traceback", "hang", "crash", "memory")
 SELFTEST_HANG = "<hang>"
+SELFTEST_COMPILE = "<compile>"
+COMPILE_LIMIT_S = 600.0           # one Numba compile longer than this is a hang too
 
 # GGUF value types (ggml docs/gguf.md, gguf-py constants.py GGUFValueType)
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
@@ -689,6 +692,46 @@ def run_case(path: str) -> dict:
     return {"outcome": outcome, "errors": errors}
 
 
+class _CompileNotices:
+    """Tells the parent when Numba starts and stops compiling, so that its hang timer stops meanwhile.
+
+    A case can be the first to reach a kernel for some type signature; compiling it takes seconds, and far more
+    on a loaded 2-core machine, which is not a hang (numba.core.event's "numba:compile" events)."""
+
+    def __init__(self, proto):
+        self.proto, self.depth, self.seconds, self._t0 = proto, 0, 0.0, 0.0
+        from numba.core import event
+        outer = self
+
+        class _Listener(event.Listener):
+            def on_start(self, ev):
+                outer.start()
+
+            def on_end(self, ev):
+                outer.end()
+        event.register("numba:compile", _Listener())
+
+    def start(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self._t0 = time.perf_counter()
+            self.proto.write(json.dumps({"compiling": True}) + "\n")
+
+    def end(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.seconds += time.perf_counter() - self._t0
+            self.proto.write(json.dumps({"compiling": False}) + "\n")
+
+    @contextlib.contextmanager
+    def span(self):
+        self.start()
+        try:
+            yield
+        finally:
+            self.end()
+
+
 def worker_main() -> None:
     import logging
     logging.disable(logging.CRITICAL)
@@ -696,15 +739,20 @@ def worker_main() -> None:
     os.dup2(2, 1)                      # stray prints must not corrupt the protocol
     import edgelm  # noqa: F401  (imports before the first case's timer)
     import edgelm.commands.describe  # noqa: F401
+    compiling = _CompileNotices(proto)
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         path = line.rstrip("\n")
         if path == SELFTEST_HANG:         # lets the tests check that the parent notices a hang
             time.sleep(3600)
         _peak_rss_reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), compiling.seconds
+        if path == SELFTEST_COMPILE:      # ... and that a long compile is not taken for one
+            with compiling.span():
+                time.sleep(2.0)
         r = run_case(path)
-        r["seconds"] = time.perf_counter() - t0
+        r["compile_seconds"] = compiling.seconds - c0
+        r["seconds"] = time.perf_counter() - t0 - r["compile_seconds"]
         r["peak_rss_mib"] = _peak_rss_mib()
         proto.write(json.dumps(r) + "\n")
 
@@ -726,19 +774,33 @@ class Worker:
             raise RuntimeError("the fuzz worker did not start")
 
     def _read_line(self, timeout: float) -> dict | None:
-        """The next JSON line, or None on timeout / exit / memory over the limit (self.why says which)."""
+        """The next JSON line, or None on timeout / exit / memory over the limit (self.why says which).
+
+        The worker's compile notices stop the clock: a compile gets up to COMPILE_LIMIT_S of its own, then the
+        case has what was left of `timeout`."""
         import psutil
         fd = self.proc.stdout.fileno()
         sel = selectors.DefaultSelector()
         sel.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
+        paused_left = None               # seconds the case had left when a compile began
         self.why, self.rss_seen = None, 0.0
         try:
             ps = psutil.Process(self.proc.pid)
         except psutil.Error:
             ps = None
         try:
-            while b"\n" not in self._buf:
+            while True:
+                while b"\n" in self._buf:
+                    line, self._buf = self._buf.split(b"\n", 1)
+                    msg = json.loads(line)
+                    if "compiling" not in msg:
+                        return msg
+                    now = time.monotonic()
+                    if msg["compiling"]:
+                        paused_left, deadline = max(0.0, deadline - now), now + COMPILE_LIMIT_S
+                    elif paused_left is not None:
+                        deadline, paused_left = now + paused_left, None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.why = "hang"
@@ -760,8 +822,6 @@ class Worker:
                         return None
         finally:
             sel.close()
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
 
     def run(self, path: str, timeout: float) -> dict:
         try:
@@ -803,6 +863,7 @@ class Report:
     failures: list[tuple[str, dict, str]] = field(default_factory=list)   # (description, result, saved path)
     peak_rss_mib: float = 0.0
     slowest_s: float = 0.0
+    compiles: list[tuple[str, float]] = field(default_factory=list)    # (case, seconds spent compiling kernels)
     errors_seen: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
@@ -810,7 +871,9 @@ class Report:
         total = sum(self.counts.values())
         parts = ", ".join(f"{k} {self.counts.get(k, 0)}" for k in order)
         return (f"{total} cases: {parts}; peak RSS {self.peak_rss_mib:.0f} MiB; "
-                f"slowest case {self.slowest_s:.2f} s")
+                f"slowest case {self.slowest_s:.2f} s"
+                + (f"; {len(self.compiles)} cases compiled kernels first "
+                   f"({sum(t for _, t in self.compiles):.1f} s, not counted)" if self.compiles else ""))
 
 
 class Runner:
@@ -837,6 +900,8 @@ def record(report: Report, r: dict, desc: str, data: bytes | None, save_dir: Pat
     report.counts[r["outcome"]] += 1
     report.peak_rss_mib = max(report.peak_rss_mib, r.get("peak_rss_mib", 0.0))
     report.slowest_s = max(report.slowest_s, r.get("seconds", 0.0))
+    if r.get("compile_seconds", 0.0) > 0.0:
+        report.compiles.append((desc, r["compile_seconds"]))
     for e in r.get("errors", []):
         report.errors_seen[e.split(":")[0]] += 1
     if r["outcome"] in FAILURES:
