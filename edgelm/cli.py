@@ -34,6 +34,21 @@ def _tolerant_stdio() -> None:
             pass
 
 
+def _numba_without_blas_probe() -> None:
+    """Numba checks whether SciPy's BLAS is there (for np.dot in jitted code) when its CPU target first starts,
+    which imports scipy.linalg wherever SciPy is installed: ~0.2 s of every command's start, for nothing, as
+    edgelm's kernels use no np.dot / np.linalg. This process is edgelm's own, so it has Numba find no BLAS;
+    SciPy stays importable afterwards. (The library leaves a host program's Numba alone.)"""
+    blas = "scipy.linalg.cython_blas"        # what numba/np/linalg.py's ensure_blas imports
+    if blas in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules[blas] = None                 # `import scipy.linalg.cython_blas` -> ImportError, nothing loaded
+    try:
+        import numba.np.arraymath  # noqa: F401  (runs the check once, at import)
+    finally:
+        del sys.modules[blas]
+
+
 def main() -> None:
     """Entry point: any EdgeLMError (or OS error on a user's file) becomes one line and a non-zero exit."""
     import logging
@@ -41,6 +56,7 @@ def main() -> None:
     handler.setFormatter(logging.Formatter("edgelm: %(message)s"))
     logging.getLogger("edgelm").addHandler(handler)
     _tolerant_stdio()
+    _numba_without_blas_probe()
     # A damaged file's weights can overflow; that ends as one clear error (NaN logits), not a screen of warnings.
     import numpy as np
     np.seterr(all="ignore")

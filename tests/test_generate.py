@@ -24,6 +24,23 @@ def test_cli_prompt_from_stdin_and_verbose(smollm2_path):
     assert "prompt:" in p.stderr and "peak RSS" in p.stderr
 
 
+def test_cli_start_skips_numbas_blas_probe(smollm2_path):
+    """Numba's first kernel load imports scipy.linalg when SciPy is installed (~0.2 s of every command); the
+    CLI process has it find no BLAS instead (edgelm's kernels use none), and SciPy still imports after."""
+    pytest.importorskip("scipy")
+    import subprocess
+    import sys
+    code = ("import sys; sys.argv = ['edgelm', 'generate', '-m', sys.argv[1], '-n', '1', '--temp', '0', 'Hi']\n"
+            "from edgelm.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "import numba.np.arraymath\n"
+            "print('LINALG', 'scipy.linalg' in sys.modules, numba.np.arraymath._HAVE_BLAS)\n"
+            "import scipy.linalg\nprint('SCIPY', scipy.linalg.cython_blas.__name__)\n")
+    p = subprocess.run([sys.executable, "-c", code, smollm2_path], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "LINALG False False" in p.stdout and "SCIPY scipy.linalg.cython_blas" in p.stdout, p.stdout
+
+
 def test_prompt_longer_than_context_is_a_clean_error(smollm2_path):
     p = run_cli("generate", "-m", smollm2_path, "-c", "16", "word " * 50)
     assert p.returncode != 0
