@@ -11,8 +11,10 @@
 #    Cached in $EDGELM_ARM64_ROOT (default ~/.cache/edgelm-arm64/root): a second run starts at step 3.
 # 3. Copies this checkout (tracked and untracked, not ignored files) and SmolLM2 (edgelm pull) into the root.
 # 4. Runs there: tests/test_quant.py (every quant type bit-exact vs gguf.quants; matvec / matmul / get_rows of
-#    every type), tests/test_convert.py's family tests (every tiny checkpoint vs transformers' golden logits),
-#    then 32 greedy tokens of SmolLM2, compared with the same run here. Extra arguments go to pytest (e.g. -k).
+#    every type), tests/test_kv_cache.py (compact KV caches, attention kernels), tests/test_rope.py,
+#    tests/test_arm64_codegen.py, tests/test_convert.py's family tests (every tiny checkpoint vs transformers'
+#    golden logits), then 32 greedy tokens of SmolLM2, compared with the same run here. Extra arguments go to
+#    pytest (e.g. -k).
 # Prints how long each step took. Needs root (chroot, mount) and the network (Debian mirror, PyPI).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -91,10 +93,11 @@ out = []
 for _ in range(32):
     tok = int(logits.argmax()); out.append(tok); logits = s.decode(tok)
 print(json.dumps(out))'
-t=$(date +%s); step "pytest under emulation: tests/test_quant.py, tests/test_convert.py (families vs transformers)"
+t=$(date +%s); step "pytest under emulation: quant types and kernels, KV caches and attention, RoPE, families vs transformers"
 status=0
 in_root /bin/sh -c "cd /edgelm-src && python -m pytest -q -p no:cacheprovider tests/test_quant.py \
-  tests/test_convert.py -k 'not cli' $*" || status=$?
+  tests/test_kv_cache.py tests/test_rope.py tests/test_arm64_codegen.py tests/test_convert.py -k 'not cli' $*" \
+  || status=$?
 took "$t"
 t=$(date +%s); step "SmolLM2: 32 greedy tokens, arm64 (emulated) vs this machine"
 here_ids=$(cd "$here" && python3 -c "$greedy" "$model")

@@ -93,19 +93,26 @@ def _target_has(feature: str) -> bool:
     return feature in binding.get_host_cpu_features().flatten()
 
 
-def _target_has_f16_convert() -> bool:
-    """Can LLVM convert half -> float in hardware here (x86 F16C, any arm64)?  Else it would emit
-    a libcall the JIT may not resolve, so we use the integer formula below."""
+def _target_is_arm64() -> bool:
+    """Does numba compile for arm64 (AArch64: Apple silicon, Graviton, Linux on arm)?  NEON (ASIMD) and
+    the half-precision conversions are part of its base architecture, so even a "generic" CPU has them."""
     import platform
 
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return True
-    return _target_has("+f16c")
+    return platform.machine().lower() in ("arm64", "aarch64")
 
 
+def _target_has_f16_convert() -> bool:
+    """Can LLVM convert half -> float in hardware here (x86 F16C, any arm64: fcvtl)?  Else it would emit
+    a libcall the JIT may not resolve, so we use the integer formula below."""
+    return _ARM64 or _target_has("+f16c")
+
+
+_ARM64 = _target_is_arm64()
 _NATIVE_F16 = _target_has_f16_convert()
 _AVX2 = _target_has("+avx2")
 _SSSE3 = _target_has("+ssse3")
+# A 16-byte table lookup by a vector of indexes: x86 SSSE3 pshufb, arm64 NEON tbl (same result for 0..15).
+_BYTE_LOOKUP = "llvm.aarch64.neon.tbl1.v16i8" if _ARM64 else "llvm.x86.ssse3.pshuf.b.128" if _SSSE3 else None
 
 
 def half_to_f32(b: ir.IRBuilder, h, native: bool | None = None):
@@ -444,12 +451,12 @@ def _byte_table_codes(table):
 
 def _table_lanes(b: ir.IRBuilder, p, off: int, table, portable, shuffle: bool | None = None):
     """16 bytes of 4-bit code pairs at `off` -> table[code] of elements 0..31 (low nibbles, then high)
-    as parts (see `_run`).  x86 with SSSE3: a byte shuffle (pshufb) looks up 16 codes at once (LLVM IR
-    has no variable-index shuffle); elsewhere `portable(b, <8 x i32> codes)` (about 2x the
-    instructions).  `shuffle` forces a path (tests); default: pshufb where the target has it."""
+    as parts (see `_run`).  x86 with SSSE3 and arm64: a byte shuffle (pshufb / tbl) looks up 16 codes at once
+    (LLVM IR has no variable-index shuffle); elsewhere `portable(b, <8 x i32> codes)` (about 2x the
+    instructions).  `shuffle` forces a path (tests); default: the byte shuffle where the target has one."""
     n = _part_lanes()
     lane = _vec(_lane_int(), n)
-    if not (_SSSE3 if shuffle is None else shuffle):
+    if not (_BYTE_LOOKUP is not None if shuffle is None else shuffle):
         token = _CODE_BITS.set(32)           # the portable lookups shift by up to 28 bits
         try:
             a, c = _run(b, p, off, 16)
@@ -459,7 +466,7 @@ def _table_lanes(b: ir.IRBuilder, p, off: int, table, portable, shuffle: bool | 
         codes = [portable(b, v) for v in (a, c, b.lshr(a, _c(t, 4)), b.lshr(c, _c(t, 4)))]
         return codes if t.element == lane.element else _regroup(b, [b.trunc(v, _vec(lane.element, 8)) for v in codes])
     t = _vec(_I8, 16)
-    name = "llvm.x86.ssse3.pshuf.b.128"
+    name = _BYTE_LOOKUP
     fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(t, [t, t]), name=name)
     v = _load(b, p, off, t)
     consts = ir.Constant(t, list(table))
