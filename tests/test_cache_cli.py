@@ -7,7 +7,6 @@ import json
 import sys
 import types
 
-import numpy as np
 import pytest
 
 from edgelm import cli

@@ -306,7 +306,6 @@ def test_ordinary_render_overhead_is_small(smollm2_path):
 def test_cli_chat_with_a_hostile_template_is_one_line_error(smollm2_path, tmp_path):
     path = tmp_path / "hostile.jinja"
     path.write_text(HOSTILE["nested-loops"], encoding="utf-8")
-    t0 = time.monotonic()
     r = run_cli("chat", "-m", smollm2_path, "--chat-template", str(path), input="What is 2+2?\n", timeout=120)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [

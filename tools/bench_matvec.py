@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         numba.set_num_threads(nt)
         s = best_seconds(lambda: _read_all(words, kernels._NCHUNKS), a.reps)
         rows.append(("memory read", nt, words.nbytes / s / 1e9, float("nan")))
-    del words
+    words = None                       # free it before the weights
     for name in a.types.split(","):
         ggml_type = next(t for t, f in FORMATS.items() if f.name == name)
         n_out = a.mib * 2 ** 20 // row_bytes(ggml_type, a.n_in)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                     numba.set_num_threads(nt)
                     s = best_seconds(lambda: kernels.matvec(raw, ggml_type, n_out, a.n_in, x, out=y), a.reps)
                     rows.append((label, nt, raw.nbytes / s / 1e9, s / (n_out * a.n_in) * 1e9))
-        del raw
+        raw = y = None
     if a.md:
         print("| type | threads | GB/s | ns / weight |\n| --- | ---: | ---: | ---: |")
         for name, nt, gbs, ns in rows:

@@ -166,7 +166,6 @@ def _write_value(out: _Out, vtype: int, v, what: str) -> None:
         out.put(struct.pack("<I", itype % (1 << 32)), f"item type of {what}")
         out.put(struct.pack("<Q", len(items)), f"count of {what}")
         if itype in _FMT and items and not any(isinstance(x, (tuple, list, str, bytes)) for x in items[:1]):
-            f = _FMT[itype]
             if itype in (F32, F64):
                 out.put(np.asarray([float(x) for x in items], "<" + ("f4" if itype == F32 else "f8")).tobytes())
             else:
