@@ -97,7 +97,7 @@ def _describe(value) -> str:
 def string_array(meta: dict, name: str) -> list[str]:
     """`tokenizer.ggml.NAME` as a list of strings (the parser gives string arrays as lists of str)."""
     v = meta.get(_KEY + name)
-    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+    if not isinstance(v, list) or not set(map(type, v)) <= {str}:     # map(type): C speed on 262k tokens
         raise GGUFError(f"metadata key {_KEY + name} must be an array of strings, found {_describe(v)}")
     return v
 
