@@ -10,16 +10,17 @@ import os
 from typing import TYPE_CHECKING
 
 # How Numba's OpenMP workers wait between parallel regions. A decode step runs ~100-200 regions, a few to
-# tens of microseconds apart. Sleeping at once (OMP_WAIT_POLICY=passive) makes every region pay a futex
-# wake-up; spinning long (libgomp's default, ~3 ms) wastes a core that another process needs, and a
-# descheduled spinner stalls the next barrier. A brief spin (GOMP_SPINCOUNT=1000, ~10 us at libgomp's
-# 100 spins per us estimate) covers the gaps inside one token and sleeps between tokens. Measured on the
-# 2-core VM, SmolLM2 tg64 at 2 threads (docs/benchmarks.md, "Thread wait policy"): idle machine, passive 70,
-# 1000 spins 120, active 122 t/s (llama.cpp 119); next to one busy process, passive 64, 1000 spins 48,
-# 10000 spins 18 (llama.cpp 36). libgomp reads these when it loads (at the first parallel kernel call);
-# a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# tens of microseconds apart (Python's glue between kernels, so longer on a slower core). Sleeping at once
+# (OMP_WAIT_POLICY=passive) makes every region pay a futex wake-up; spinning long (libgomp's default, ~3 ms)
+# wastes a core that another process needs, and a descheduled spinner stalls the next barrier. A brief spin
+# (GOMP_SPINCOUNT=2000: ~20 us at ~10 ns per spin, measured) covers the gaps inside one token and sleeps
+# between tokens. SmolLM2 tg at 2 threads, t/s (docs/benchmarks.md, "Thread wait policy"), idle / next to one
+# busy process: 2-core Intel Xeon VM: passive 60 / 71, 1000 spins 72 / 53, 2000 spins 110 / 49, 10000 spins
+# 124 / 30 (llama.cpp 86 / 2); 2-core AMD EPYC VM: passive 70 / 64, 1000 spins 120 / 48, 10000 spins - / 18
+# (llama.cpp 119 / 36). libgomp reads these when it loads (at the first parallel kernel call); a user's
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 # Likewise NumPy's OpenBLAS (prefill attention) keeps its threads spinning ~0.1 s after each call, taking both
 # cores from the Numba kernel that follows: pp512 measured 324 -> 500 t/s (Gemma 3) with a short timeout.
 # It takes effect only if set before NumPy is first imported (true for the CLI and for `import edgelm` first).
