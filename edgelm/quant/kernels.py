@@ -34,15 +34,16 @@ Structure
   * The dot product works in the emitters' factored form (w = scale * (q + bias) + offset per 32
     weights, codes centred on zero): it sums q * x over each piece, multiplies by the scale once,
     and adds the constant part times sum(x), from sums of x computed once per call.
-  * matmul packs the activations once per call (panels of 16 rows, k-major, transposed 8 x 8 in
-    registers by `_pack_panel`); each thread takes an equal share of the rows of all matrices,
-    decodes them a tile at a time and runs a 6x16 register-blocked micro-kernel (`_micro_tile`,
-    outer products as in BLAS) over every panel, k in passes of <= 128 for accuracy.
+  * matmul packs the activations once per call (panels of 16 rows, 32 with AVX-512; k-major, transposed
+    8 x 8 in registers by `_matmul_panel`); each thread takes an equal share of the rows of all matrices,
+    decodes them a tile at a time and runs a 6x16 (AVX-512: 8x32) register-blocked micro-kernel
+    (`_matmul_tile`, outer products as in BLAS) over every panel, k in passes of <= 128 for accuracy.
   * Float flags are {"contract"} only (FMA): the IR fixes every summation order, so a result does
     not depend on the thread split, on serial vs parallel, or on fused vs single calls.
-  * The numba kernels live inside `_build()`, a closure over a fingerprint of formats.py: numba's
-    on-disk cache only watches this file, and the closure value is part of its cache key, so
-    editing an emitter in formats.py recompiles instead of silently reusing stale machine code.
+  * The numba kernels live inside `_build()`, a closure over a fingerprint of formats.py, grids.py and this
+    file: numba's on-disk cache only watches the file a kernel is defined in, and the closure value is part
+    of its cache key, so editing an emitter or intrinsic recompiles every kernel that inlines it (attention's
+    too) instead of silently reusing stale machine code.
 """
 
 from __future__ import annotations
@@ -680,7 +681,13 @@ def _decode_row(typingctx, kid, addr, rb, r, n_in, dst, doff, kinds):
 # Matmul micro-kernel (register blocking as in BLAS: outer products, no horizontal sums)
 # ---------------------------------------------------------------------------------------------
 
-_MR, _NR = 6, 16  # 6 weight rows x 16 activation rows = 12 accumulators of 8 lanes
+# The matmul micro-kernel's shape by the target's vector registers.  16 of 8 floats (AVX2; NEON's 32 of 4
+# likewise): 6 weight rows x 16 activation rows = 12 accumulators of 8 lanes.  32 of 16 floats (AVX-512):
+# 8 rows x 32 activation rows = 16 accumulators of 16 lanes, 2 activation loads and 8 broadcasts per 16 FMAs
+# (2-core Intel VM, Q4_K prefill matmul per core: 95 -> 125-140 GFLOP/s; NumPy's SGEMM 160).  Each element
+# of C sums its k terms in the same order whatever the shape, so the results are the same bits.
+# Attention's blockwise prefill (arch/attention.py) keeps the 6 x 16 shape its buffers are laid out for.
+_MR, _NR, _MW = (8, 32, 16) if _formats._target_has("+avx512f") else (6, 16, _VW)
 _KC = 128  # at most this many k per register pass (passes of equal length), see _micro_tile
 # k per decoded weight tile: longer rows are decoded and applied a k-range at a time, so a tile holds 24
 # rows, not 6, and the activation panels' slice for that range (4 MiB at 512 tokens) stays in cache while
@@ -689,75 +696,86 @@ _KC = 128  # at most this many k per register pass (passes of equal length), see
 _KW = 2048
 
 
-@intrinsic
-def _micro_tile(typingctx, W, row0, rv, XT, poff, k0, k1, C, coff, first):
-    """C[coff + i*16 + j] (+)= sum_{k0 <= k < k1} W[row0+i, k] * XT[poff + 16k + j], i < 6, j < 16
-    (= when `first`, else +=).
+def _micro_tile_for(MR: int, NR: int, MW: int):
+    """The micro-kernel intrinsic for MR weight rows x NR activation rows in <MW x float> accumulators."""
+    VMF = ir.VectorType(_F32, MW)
 
-    W: decoded weight rows (row-major); XT: activations packed k-major in panels of 16 rows.
-    Per k: 2 vector loads + 6 broadcasts feed 12 FMAs.  Rows i >= rv repeat row rv-1 (the caller
-    ignores them).  15 vector registers on AVX2, 29 of 32 on NEON.
+    @intrinsic
+    def micro_tile(typingctx, W, row0, rv, XT, poff, k0, k1, C, coff, first):
+        """C[coff + i*NR + j] (+)= sum_{k0 <= k < k1} W[row0+i, k] * XT[poff + NR*k + j], i < MR, j < NR
+        (= when `first`, else +=).
 
-    The caller runs k in passes of <= _KC (outside the loop over row groups, so a pass's slice of
-    the panel stays in L1) and the pass sums are added in C: one FMA chain over all of n_in carried
-    ~5x the rounding error of the matvec kernel (rms 5e-8 vs 1e-8 relative to |W|.|x|, max 2.5e-6
-    vs 1.2e-7 on the models' tensors); passes of <= 128 give rms 2.0e-8, max 3.4e-7, so decode
-    (matvec) and prefill (matmul) agree more closely.
-    """
-    if not (_is_f32(W, 2) and _is_int(row0) and _is_int(rv) and _is_f32(XT, 1) and _is_int(poff)
-            and _is_int(k0) and _is_int(k1) and _is_f32(C, 1) and _is_int(coff)
-            and isinstance(first, types.Boolean)):
-        return None
-    sig = types.void(W, types.int64, types.int64, XT, types.int64, types.int64, types.int64, C,
-                     types.int64, types.boolean)
+        W: decoded weight rows (row-major); XT: activations packed k-major in panels of NR rows.
+        Per k: NR / MW vector loads + MR broadcasts feed MR * NR / MW FMAs.  Rows i >= rv repeat row rv-1
+        (the caller ignores them).  6 x 16 in 8 lanes: 15 vector registers on AVX2, 29 of 32 on NEON;
+        8 x 32 in 16 lanes: 19 of AVX-512's 32.
 
-    def codegen(context, builder, signature, args):
-        W_v, row0_v, rv_v, XT_v, poff_v, k0_v, k1_v, C_v, coff_v, first_v = args
-        wa = context.make_array(signature.args[0])(context, builder, value=W_v)
-        row_stride = cgutils.unpack_tuple(builder, wa.strides, 2)[0]
-        wbytes = builder.bitcast(wa.data, _I8P)
-        xp0 = _data_ptr(context, builder, signature.args[3], XT_v, poff_v)
-        cp = _data_ptr(context, builder, signature.args[7], C_v, coff_v)
-        last = builder.sub(builder.add(row0_v, rv_v), _i64(1))
-        rows = []
-        for i in range(_MR):
-            r = builder.add(row0_v, _i64(i))
-            r = builder.select(builder.icmp_signed("<", r, last), r, last)
-            row = builder.gep(wbytes, [builder.mul(r, row_stride)])
-            rows.append(builder.bitcast(row, _F32.as_pointer()))
-        zero = ir.Constant(_V8F, [0.0] * _VW)
+        The caller runs k in passes of <= _KC (outside the loop over row groups, so a pass's slice of
+        the panel stays in L1) and the pass sums are added in C: one FMA chain over all of n_in carried
+        ~5x the rounding error of the matvec kernel (rms 5e-8 vs 1e-8 relative to |W|.|x|, max 2.5e-6
+        vs 1.2e-7 on the models' tensors); passes of <= 128 give rms 2.0e-8, max 3.4e-7, so decode
+        (matvec) and prefill (matmul) agree more closely.
+        """
+        if not (_is_f32(W, 2) and _is_int(row0) and _is_int(rv) and _is_f32(XT, 1) and _is_int(poff)
+                and _is_int(k0) and _is_int(k1) and _is_f32(C, 1) and _is_int(coff)
+                and isinstance(first, types.Boolean)):
+            return None
+        sig = types.void(W, types.int64, types.int64, XT, types.int64, types.int64, types.int64, C,
+                         types.int64, types.boolean)
 
-        pre = builder.block
-        loop = builder.append_basic_block("micro.loop")
-        done = builder.append_basic_block("micro.done")
-        builder.branch(loop)  # k0 < k1 always
-        builder.position_at_end(loop)
-        k = builder.phi(_I64)
-        acc = [[builder.phi(_V8F) for _ in range(_NR // _VW)] for _ in range(_MR)]
-        xk = builder.gep(xp0, [builder.mul(k, _i64(_NR))])
-        xv = [_vload(builder, xk, _VW * j) for j in range(_NR // _VW)]
-        new = []
-        for i in range(_MR):
-            w = splat(builder, builder.load(builder.gep(rows[i], [k])), _VW)
-            new.append([builder.fadd(acc[i][j], builder.fmul(w, xv[j])) for j in range(_NR // _VW)])
-        k_next = builder.add(k, _i64(1))
-        builder.cbranch(builder.icmp_signed("<", k_next, k1_v), loop, done)
-        k.add_incoming(k0_v, pre)
-        k.add_incoming(k_next, loop)
-        for i in range(_MR):
-            for j in range(_NR // _VW):
-                acc[i][j].add_incoming(zero, pre)
-                acc[i][j].add_incoming(new[i][j], loop)
+        def codegen(context, builder, signature, args):
+            W_v, row0_v, rv_v, XT_v, poff_v, k0_v, k1_v, C_v, coff_v, first_v = args
+            wa = context.make_array(signature.args[0])(context, builder, value=W_v)
+            row_stride = cgutils.unpack_tuple(builder, wa.strides, 2)[0]
+            wbytes = builder.bitcast(wa.data, _I8P)
+            xp0 = _data_ptr(context, builder, signature.args[3], XT_v, poff_v)
+            cp = _data_ptr(context, builder, signature.args[7], C_v, coff_v)
+            last = builder.sub(builder.add(row0_v, rv_v), _i64(1))
+            rows = []
+            for i in range(MR):
+                r = builder.add(row0_v, _i64(i))
+                r = builder.select(builder.icmp_signed("<", r, last), r, last)
+                row = builder.gep(wbytes, [builder.mul(r, row_stride)])
+                rows.append(builder.bitcast(row, _F32.as_pointer()))
+            zero = ir.Constant(VMF, [0.0] * MW)
 
-        builder.position_at_end(done)
-        for i in range(_MR):
-            for j in range(_NR // _VW):
-                q = builder.bitcast(builder.gep(cp, [_i64(i * _NR + j * _VW)]), _V8F.as_pointer())
-                old = builder.select(first_v, zero, builder.load(q, align=4))
-                builder.store(builder.fadd(old, new[i][j]), q, align=4)
-        return context.get_dummy_value()
+            pre = builder.block
+            loop = builder.append_basic_block("micro.loop")
+            done = builder.append_basic_block("micro.done")
+            builder.branch(loop)  # k0 < k1 always
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            acc = [[builder.phi(VMF) for _ in range(NR // MW)] for _ in range(MR)]
+            xk = builder.gep(xp0, [builder.mul(k, _i64(NR))])
+            xv = [_vload(builder, xk, MW * j, VMF) for j in range(NR // MW)]
+            new = []
+            for i in range(MR):
+                w = splat(builder, builder.load(builder.gep(rows[i], [k])), MW)
+                new.append([builder.fadd(acc[i][j], builder.fmul(w, xv[j])) for j in range(NR // MW)])
+            k_next = builder.add(k, _i64(1))
+            builder.cbranch(builder.icmp_signed("<", k_next, k1_v), loop, done)
+            k.add_incoming(k0_v, pre)
+            k.add_incoming(k_next, loop)
+            for i in range(MR):
+                for j in range(NR // MW):
+                    acc[i][j].add_incoming(zero, pre)
+                    acc[i][j].add_incoming(new[i][j], loop)
 
-    return sig, codegen
+            builder.position_at_end(done)
+            for i in range(MR):
+                for j in range(NR // MW):
+                    q = builder.bitcast(builder.gep(cp, [_i64(i * NR + j * MW)]), VMF.as_pointer())
+                    old = builder.select(first_v, zero, builder.load(q, align=4))
+                    builder.store(builder.fadd(old, new[i][j]), q, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return micro_tile
+
+
+_micro_tile = _micro_tile_for(6, 16, _VW)          # attention's shape (see above)
+_matmul_tile = _micro_tile_for(_MR, _NR, _MW)     # the target's shape
 
 
 def _transpose8(b, rows):
@@ -777,42 +795,51 @@ def _transpose8(b, rows):
     return [sh(s[k], s[k + 4], lo) for k in range(4)] + [sh(s[k], s[k + 4], hi) for k in range(4)]
 
 
-@intrinsic
-def _pack_panel(typingctx, X, row0, mv, XT, base, n8):
-    """XT[base + 16k + j] = X[row0 + j, k] for k < 8 * n8, j < 16 (0 for j >= mv): a panel of
-    activation rows, k-major, transposed 8 x 8 in registers."""
-    if not (_is_f32(X, 2) and _is_int(row0) and _is_int(mv) and _is_f32(XT, 1) and _is_int(base)
-            and _is_int(n8)):
-        return None
-    sig = types.void(X, types.int64, types.int64, XT, types.int64, types.int64)
+def _pack_panel_for(NR: int):
+    """The intrinsic packing NR activation rows (a multiple of 8) into a k-major panel."""
 
-    def codegen(context, builder, signature, args):
-        X_v, row0_v, mv_v, XT_v, base_v, n8_v = args
-        xa = context.make_array(signature.args[0])(context, builder, value=X_v)
-        row_stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]
-        xbytes = builder.bitcast(xa.data, _I8P)
-        last = builder.sub(mv_v, _i64(1))
-        rowp = []
-        for j in range(_NR):  # rows past mv read row mv-1 and are zeroed below
-            jj = builder.select(builder.icmp_signed("<", _i64(j), mv_v), _i64(j), last)
-            rp = builder.gep(xbytes, [builder.mul(builder.add(row0_v, jj), row_stride)])
-            rowp.append(builder.bitcast(rp, _F32.as_pointer()))
-        keep = [builder.icmp_signed("<", _i64(j), mv_v) for j in range(_NR)]
-        zero = ir.Constant(_V8F, [0.0] * _VW)
-        out = _data_ptr(context, builder, signature.args[3], XT_v, base_v)
-        with cgutils.for_range(builder, n8_v) as loop:
-            k0 = builder.mul(loop.index, _i64(8))
-            rows = [builder.select(keep[j], _vload(builder, builder.gep(rowp[j], [k0]), 0), zero)
-                    for j in range(_NR)]
-            cols = [_transpose8(builder, rows[:8]), _transpose8(builder, rows[8:])]
-            dst = builder.gep(out, [builder.mul(k0, _i64(_NR))])
-            for k in range(8):
-                for h in range(2):
-                    q = builder.gep(dst, [_i64(k * _NR + h * _VW)])
-                    builder.store(cols[h][k], builder.bitcast(q, _V8F.as_pointer()), align=4)
-        return context.get_dummy_value()
+    @intrinsic
+    def pack_panel(typingctx, X, row0, mv, XT, base, n8):
+        """XT[base + NR*k + j] = X[row0 + j, k] for k < 8 * n8, j < NR (0 for j >= mv): a panel of
+        activation rows, k-major, transposed 8 x 8 in registers."""
+        if not (_is_f32(X, 2) and _is_int(row0) and _is_int(mv) and _is_f32(XT, 1) and _is_int(base)
+                and _is_int(n8)):
+            return None
+        sig = types.void(X, types.int64, types.int64, XT, types.int64, types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            X_v, row0_v, mv_v, XT_v, base_v, n8_v = args
+            xa = context.make_array(signature.args[0])(context, builder, value=X_v)
+            row_stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]
+            xbytes = builder.bitcast(xa.data, _I8P)
+            last = builder.sub(mv_v, _i64(1))
+            rowp = []
+            for j in range(NR):  # rows past mv read row mv-1 and are zeroed below
+                jj = builder.select(builder.icmp_signed("<", _i64(j), mv_v), _i64(j), last)
+                rp = builder.gep(xbytes, [builder.mul(builder.add(row0_v, jj), row_stride)])
+                rowp.append(builder.bitcast(rp, _F32.as_pointer()))
+            keep = [builder.icmp_signed("<", _i64(j), mv_v) for j in range(NR)]
+            zero = ir.Constant(_V8F, [0.0] * _VW)
+            out = _data_ptr(context, builder, signature.args[3], XT_v, base_v)
+            with cgutils.for_range(builder, n8_v) as loop:
+                k0 = builder.mul(loop.index, _i64(8))
+                rows = [builder.select(keep[j], _vload(builder, builder.gep(rowp[j], [k0]), 0), zero)
+                        for j in range(NR)]
+                cols = [_transpose8(builder, rows[8 * h:8 * h + 8]) for h in range(NR // 8)]
+                dst = builder.gep(out, [builder.mul(k0, _i64(NR))])
+                for k in range(8):
+                    for h in range(NR // 8):
+                        q = builder.gep(dst, [_i64(k * NR + h * _VW)])
+                        builder.store(cols[h][k], builder.bitcast(q, _V8F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return pack_panel
+
+
+_pack_panel = _pack_panel_for(16)                 # attention's panels
+_matmul_panel = _pack_panel_for(_NR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,11 +894,13 @@ def _prepare_x(x, npc, passes, xs8, xbs, xq, xsc):
 
 
 def _formats_fingerprint() -> str:
-    """A hash of the sources the kernels' IR comes from (the format table and the lattice lookups)."""
+    """A hash of the sources the kernels' IR comes from (the format table, the lattice lookups, and this
+    module's intrinsics, which other modules' kernels inline: numba's disk cache watches only the file a
+    kernel is defined in)."""
     h = hashlib.sha256()
     try:
-        for module in (_formats, _grids):
-            with open(module.__file__, "rb") as f:
+        for path in (_formats.__file__, _grids.__file__, __file__):
+            with open(path, "rb") as f:
                 h.update(f.read())
     except OSError:  # no readable source (frozen / zipped install): nothing to go stale against
         return "no-source"
@@ -924,14 +953,14 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
         """Y segment j (M, n_out_j), at Y[M * row0_j:], = X @ W_j.T for every matrix of the plan."""
         fingerprint  # noqa: B018
         M = X.shape[0]
-        # 1. X -> XT: panels of 16 activation rows, k-major, zero padded (once per call)
+        # 1. X -> XT: panels of _NR activation rows, k-major, zero padded (once per call)
         n_panels = (M + _NR - 1) // _NR
         XT = np.empty(n_panels * n_in * _NR, np.float32)
         n8 = n_in // 8
         for p in prange(n_panels):
             base = p * n_in * _NR
             mv = min(_NR, M - p * _NR)
-            _pack_panel(X, p * _NR, mv, XT, base, n8)
+            _matmul_panel(X, p * _NR, mv, XT, base, n8)
             for k in range(n8 * 8, n_in):
                 for j in range(_NR):
                     XT[base + k * _NR + j] = X[p * _NR + j, k] if j < mv else np.float32(0.0)
@@ -963,7 +992,7 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
                             mv = min(_NR, M - p * _NR)
                             for k0 in range(kb, ke, kc):
                                 for g in range(0, rn, _MR):
-                                    _micro_tile(W, g, min(_MR, rn - g), XT, p * n_in * _NR + kb * _NR, k0 - kb,
+                                    _matmul_tile(W, g, min(_MR, rn - g), XT, p * n_in * _NR + kb * _NR, k0 - kb,
                                                 min(ke, k0 + kc) - kb, C, g * _NR, k0 == kb)
                             for jj in range(mv):
                                 o = seg + (p * _NR + jj) * n_out + r0
