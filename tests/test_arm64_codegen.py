@@ -4,27 +4,15 @@ is checked under qemu by tools/arm64_check.sh; this catches, in every CI run, an
 library call slipping into the per-type code."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from edgelm.quant import formats
 from edgelm.quant.formats import FORMATS
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_tool
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("arm64_codegen", ROOT / "tools" / "arm64_codegen.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["arm64_codegen"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-A = _load_tool()
+A = load_tool("arm64_codegen")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from edgelm.chat import Conversation
 from edgelm.errors import ContextError
 from edgelm.runtime.sampling import SamplingParams
 
+from .conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "chat_templates.json").read_text(encoding="utf-8"))
 
@@ -394,10 +396,7 @@ def test_conversation_drops_oldest_turns_and_keeps_system(small):
 def test_thousand_turn_chat_in_a_small_context_has_flat_memory():
     """tools/chat_soak.py: 1,000 turns at -c 512: every turn answered, RSS within 5 MiB after turn 50 (the
     issue's bar), and the turns that dropped old messages reused the cache through a shift."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("chat_soak", Path(__file__).parent.parent / "tools" / "chat_soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    soak = load_tool("chat_soak")
     r = soak.run("smollm2-135m", ctx=512, turns=1000, reply=16, report=lambda line: None)
     assert r["unanswered"] == 0, r
     assert r["growth_after_50_mib"] <= 5, r

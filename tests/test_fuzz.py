@@ -5,9 +5,7 @@ Also one test per failure the first fuzzing found (issue 9), each checking the e
 a replay of every case kept in tests/data/fuzz_regressions/."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +15,13 @@ import edgelm
 from edgelm.commands.describe import architecture_facts, describe
 from edgelm.errors import ContextError, EdgeLMError, GGUFError
 
+from .conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 REGRESSIONS = ROOT / "tests" / "data" / "fuzz_regressions"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("fuzz_gguf", ROOT / "tools" / "fuzz_gguf.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_gguf"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-F = _load_tool()
+F = load_tool("fuzz_gguf")
 
 
 @pytest.fixture(scope="module")
