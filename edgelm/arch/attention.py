@@ -15,8 +15,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant.formats import FORMATS, LANES
-from ..quant.kernels import (_at, _data_ptr, _formats_fingerprint, _i64, _lane0, _micro_tile, _pack_panel,
-                             _steps, decode_piece)
+from ..quant.kernels import (_FINGERPRINT, _at, _data_ptr, _i64, _lane0, _micro_tile, _pack_panel, _steps,
+                             decode_piece)
 
 
 @intrinsic
@@ -150,8 +150,9 @@ _DECODE_CHUNK = 256   # keys per decode task (flash-decoding split: tasks = kv h
 
 
 def _build(fingerprint: str, parallel: bool):
-    # A closure over formats.py's fingerprint, as quant/kernels.py does: numba's disk cache watches only
-    # this file, and the closure value is part of the cache key, so a changed row decoder recompiles.
+    # A closure over the kernel sources' fingerprint (formats.py, grids.py, kernels.py), as quant/kernels.py
+    # does: numba's disk cache watches only this file, and the closure value is part of the cache key, so a
+    # changed row decoder or micro-kernel recompiles.
     # `parallel` is in the closure too: numba's cache key has no parallel flag, so a serial and a
     # parallel build of one function would otherwise share (and overwrite) one cache entry.
 
@@ -345,8 +346,8 @@ def _build(fingerprint: str, parallel: bool):
     return nb.njit(**opts)(decode_py), nb.njit(**opts)(prefill_py)
 
 
-_cache_decode_parallel, _cache_prefill = _build(_formats_fingerprint(), True)
-_cache_decode_serial, _ = _build(_formats_fingerprint(), False)
+_cache_decode_parallel, _cache_prefill = _build(_FINGERPRINT, True)
+_cache_decode_serial, _ = _build(_FINGERPRINT, False)
 
 # Waking threads costs tens of µs per parallel region (passive OpenMP waits): short contexts run serially.
 SERIAL_MAX_WORK = 1 << 17   # heads x keys x head_dim below which one thread is faster

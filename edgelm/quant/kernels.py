@@ -684,7 +684,7 @@ def _decode_row(typingctx, kid, addr, rb, r, n_in, dst, doff, kinds):
 # The matmul micro-kernel's shape by the target's vector registers.  16 of 8 floats (AVX2; NEON's 32 of 4
 # likewise): 6 weight rows x 16 activation rows = 12 accumulators of 8 lanes.  32 of 16 floats (AVX-512):
 # 8 rows x 32 activation rows = 16 accumulators of 16 lanes, 2 activation loads and 8 broadcasts per 16 FMAs
-# (2-core Intel VM, Q4_K prefill matmul per core: 95 -> 125-140 GFLOP/s; NumPy's SGEMM 160).  Each element
+# (2-core Intel VM, Q4_K prefill matmul per core: 95 -> 110-140 GFLOP/s; NumPy's SGEMM 160).  Each element
 # of C sums its k terms in the same order whatever the shape, so the results are the same bits.
 # Attention's blockwise prefill (arch/attention.py) keeps the 6 x 16 shape its buffers are laid out for.
 _MR, _NR, _MW = (8, 32, 16) if _formats._target_has("+avx512f") else (6, 16, _VW)
@@ -893,7 +893,7 @@ def _prepare_x(x, npc, passes, xs8, xbs, xq, xsc):
         _quantize_x(x, npc, passes, xq, xsc)
 
 
-def _formats_fingerprint() -> str:
+def _kernel_sources_fingerprint() -> str:
     """A hash of the sources the kernels' IR comes from (the format table, the lattice lookups, and this
     module's intrinsics, which other modules' kernels inline: numba's disk cache watches only the file a
     kernel is defined in)."""
@@ -1016,7 +1016,7 @@ def _build(fingerprint: str, kinds: int) -> SimpleNamespace:
     return SimpleNamespace(matvec=matvec_kernel, matmul=matmul_kernel, rows=rows_kernel)
 
 
-_FINGERPRINT = _formats_fingerprint()
+_FINGERPRINT = _kernel_sources_fingerprint()
 _KERNELS: dict[int, SimpleNamespace] = {}
 
 
